@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Checks, in a scratch copy so the working tree is never touched, that
+#   clean:  every notebook is already what `nbdev-clean` makes of it;
+#   export: gpt2_demo/ is exactly what `nbdev-export` makes of nbs/.
+set -euo pipefail
+mode=${1:?usage: check_sync.sh clean|export}
+top=$(cd "$(dirname "$0")/.." && pwd)
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+(cd "$top" && tar --exclude=./.venv --exclude=./.git --exclude=./datasets --exclude=./model \
+    --exclude=./log --exclude='*/__pycache__' -cf - .) | tar -xf - -C "$tmp"
+cd "$tmp"
+case $mode in
+  clean)
+    nbdev-clean >/dev/null
+    if ! diff -rq "$top/nbs" "$tmp/nbs" >/dev/null; then
+      echo "ERROR: these notebooks are not clean (nbdev-clean would change them):" >&2
+      diff -rq "$top/nbs" "$tmp/nbs" | sed 's/^/  /' >&2
+      echo "Run 'nbdev-clean' (or 'make clean-nbs') and commit the result." >&2
+      exit 1
+    fi
+    echo "notebooks are clean." ;;
+  export)
+    nbdev-export
+    if ! diff -rq -x __pycache__ "$top/gpt2_demo" "$tmp/gpt2_demo" >/dev/null; then
+      echo "ERROR: gpt2_demo/ differs from what nbdev-export makes of nbs/:" >&2
+      diff -rq -x __pycache__ "$top/gpt2_demo" "$tmp/gpt2_demo" | sed 's/^/  /' >&2
+      echo "Edit the notebooks (never gpt2_demo/*.py), run 'nbdev-export' (or 'make export'), and commit both." >&2
+      exit 1
+    fi
+    echo "gpt2_demo/ matches nbs/." ;;
+  *) echo "usage: check_sync.sh clean|export" >&2; exit 2 ;;
+esac

@@ -1,0 +1,48 @@
+# Two commands on a fresh machine:  make demo   |   make test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed-stamp
+
+.PHONY: demo test setup check-clean check-export nbtest pytest export clean-nbs readme bench
+
+setup: $(STAMP)
+
+# Re-installs only when the dependency list changes. torch is pinned by constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m gpt2_demo.train --demo
+
+test: $(STAMP) check-clean check-export nbtest pytest
+	@echo "make test: all checks passed."
+
+check-clean: $(STAMP)
+	@PATH="$(abspath $(BIN)):$$PATH" bash .ci/check_sync.sh clean
+
+check-export: $(STAMP)
+	@PATH="$(abspath $(BIN)):$$PATH" bash .ci/check_sync.sh export
+
+nbtest: $(STAMP)
+	$(BIN)/nbdev-test --n-workers 2 --timing
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+# Developer helpers
+export: $(STAMP)
+	$(BIN)/nbdev-export
+
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev-clean
+
+readme: $(STAMP)
+	$(BIN)/jupyter nbconvert --to markdown --output-dir . --output README nbs/index.ipynb
+
+bench: $(STAMP)
+	$(BIN)/python -m gpt2_demo.bench train
+	$(BIN)/python -m gpt2_demo.bench generate
