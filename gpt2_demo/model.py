@@ -8,7 +8,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/model.html.md"""
 __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'GPTConfig', 'get_config', 'DummyGPT', 'CheckpointError', 'atomic_write',
            'save_checkpoint', 'read_checkpoint_config', 'load_checkpoint']
 
-# %% ../nbs/02_model.ipynb #c1904083
+# %% ../nbs/02_model.ipynb #0284756c
 import json, math, os, tempfile
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -20,7 +20,7 @@ from safetensors.torch import save_model as _st_save_model, load_model as _st_lo
 from .layers import LayerNorm, TransformerBlock, KVCache
 from .tokenizer import N_VOCAB
 
-# %% ../nbs/02_model.ipynb #044b3bcd
+# %% ../nbs/02_model.ipynb #07e94cb9
 @dataclass
 class GPTConfig:
     "Hyper-parameters of a GPT-2-style model."
@@ -33,6 +33,7 @@ class GPTConfig:
     qkv_bias:bool = True       # biases on the query/key/value projection (GPT-2 has them)
     tie_weights:bool = True    # output head shares the token-embedding matrix
     tokenizer:str = "gpt2"     # tiktoken encoding name the ids come from
+    vocab_ids:list|None = None # compact vocabulary: the tokenizer ids this model's ids 0..n-1 stand for
 
     def __post_init__(self):
         for f in ("vocab_size", "context_len", "emb_dim", "n_heads", "n_layers"):
@@ -41,13 +42,16 @@ class GPTConfig:
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 <= self.drop_rate < 1.0: raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
-        if self.tokenizer in N_VOCAB and self.vocab_size < N_VOCAB[self.tokenizer]:
+        if self.vocab_ids is not None:
+            if len(self.vocab_ids) != self.vocab_size:
+                raise ValueError(f"vocab_size {self.vocab_size} must equal len(vocab_ids) {len(self.vocab_ids)}")
+        elif self.tokenizer in N_VOCAB and self.vocab_size < N_VOCAB[self.tokenizer]:
             raise ValueError(f"vocab_size {self.vocab_size} is smaller than tokenizer {self.tokenizer}'s {N_VOCAB[self.tokenizer]} ids")
 
     @property
     def head_dim(self): return self.emb_dim // self.n_heads
 
-# %% ../nbs/02_model.ipynb #58ec1317
+# %% ../nbs/02_model.ipynb #19f8eff2
 PRESETS = {
     "gpt2":        dict(emb_dim=768,  n_heads=12, n_layers=12),
     "gpt2-medium": dict(emb_dim=1024, n_heads=16, n_layers=24),
@@ -63,12 +67,15 @@ def get_config(preset:str="gpt2", # one of PRESETS
     "The config of `preset`, with `overrides`; a `tokenizer` override also sets `vocab_size` unless given."
     if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     kw = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    if "tokenizer" in overrides and "vocab_size" not in overrides: kw["vocab_size"] = N_VOCAB[kw["tokenizer"]]
+    if overrides.get("vocab_ids") is not None and overrides.get("vocab_size") is None: kw["vocab_size"] = len(kw["vocab_ids"])
+    elif overrides.get("tokenizer") is not None and overrides.get("vocab_size") is None:
+        if kw["tokenizer"] not in N_VOCAB: raise ValueError(f"unknown tokenizer {kw['tokenizer']!r}; supported: {', '.join(N_VOCAB)}")
+        kw["vocab_size"] = N_VOCAB[kw["tokenizer"]]
     unknown = set(kw) - {f.name for f in fields(GPTConfig)}
     if unknown: raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     return GPTConfig(**kw)
 
-# %% ../nbs/02_model.ipynb #5237fe0c
+# %% ../nbs/02_model.ipynb #1625e025
 class DummyGPT(nn.Module):
     "GPT-2 written from scratch: embeddings, pre-norm transformer blocks, final norm, (tied) LM head."
     def __init__(self, cfg:GPTConfig):
@@ -127,7 +134,7 @@ class DummyGPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if non_embedding else n
 
-# %% ../nbs/02_model.ipynb #c18713e2
+# %% ../nbs/02_model.ipynb #03647019
 CHECKPOINT_FORMAT = "gpt2_demo/1"
 
 class CheckpointError(RuntimeError):
