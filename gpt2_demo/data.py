@@ -10,7 +10,7 @@ __all__ = ['PEOPLE_DAILY', 'THE_VERDICT', 'THE_VERDICT_URL', 'TEXT_FIELDS', 'FIL
            'in_val_split', 'TokenCache', 'build_token_cache', 'prepare_data', 'unigram_entropy', 'GPTDataset',
            'create_dataloader', 'WindowSampler']
 
-# %% ../nbs/05_data.ipynb #ac8e41f5
+# %% ../nbs/05_data.ipynb #ddfc086f
 import codecs, hashlib, json, os, re, shutil, socket, tempfile, time, urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from .tokenizer import get_tokenizer, SUPPORTED_TOKENIZERS
 
-# %% ../nbs/05_data.ipynb #12fd6f8c
+# %% ../nbs/05_data.ipynb #874bbd91
 class DataError(ValueError):
     "Unusable corpus input; the message names the problem and what to do about it."
 
-# %% ../nbs/05_data.ipynb #1b272c9c
+# %% ../nbs/05_data.ipynb #e4e90a71
 PEOPLE_DAILY = "people-daily"
 THE_VERDICT = "the-verdict"
 THE_VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -49,7 +49,7 @@ def untag(line:str) -> str:
         words.append(tok.rsplit("/", 1)[0])                                   # `电台/n]nt` → `电台`
     return "".join(words)
 
-# %% ../nbs/05_data.ipynb #76c7b469
+# %% ../nbs/05_data.ipynb #37f8646c
 TEXT_FIELDS = ("text", "completion", "content")
 FILE_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -176,7 +176,7 @@ def open_corpus(data:str=PEOPLE_DAILY, # `people-daily`, `the-verdict`, a file p
                         f"or a Hugging Face dataset id such as pleisto/wikipedia-cn-20230720-filtered)")
     return _hub_corpus(data, text_field, max_samples)
 
-# %% ../nbs/05_data.ipynb #b636139f
+# %% ../nbs/05_data.ipynb #28b86d95
 CACHE_FORMAT = "gpt2_demo/tokens/1"
 
 def token_dtype(n_vocab:int) -> np.dtype:
@@ -250,8 +250,16 @@ def _tokenize_split(corpus, enc, folder, dtype, val_fraction, progress, batch_do
             bar.update(len(batch)); bar.set_postfix(tokens=f"{total:,}", tok_s=f"{total / max(time.time() - t0, 1e-9):,.0f}")
     return n_docs, n_tok, last
 
+def _check_length(n_tok:dict, min_tokens:int|None, source:str):
+    for split, n in n_tok.items():
+        if min_tokens and n < min_tokens:
+            raise DataError(f"{source}: the {split} split has {n:,} tokens, fewer than one context window ({min_tokens - 1} + 1); "
+                            f"use a larger corpus{', a larger --val-fraction' if split == 'val' else ''} or a smaller --context-len")
+
 def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path("datasets"), val_fraction:float=0.05,
-                      progress:bool=True, batch_docs:int=2048, num_threads:int|None=None) -> TokenCache:
+                      progress:bool=True, batch_docs:int=2048, num_threads:int|None=None,
+                      min_tokens:int|None=None, # each split must have at least this many tokens (one window + 1)
+                     ) -> TokenCache:
     "Tokenizes `corpus` into `root/tokens/…` (or reuses the cache already there)."
     if not 0 < val_fraction < 1: raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     enc = get_tokenizer(tokenizer)
@@ -259,7 +267,9 @@ def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path
                                          text_field=corpus.text_field, val_fraction=val_fraction)).encode()).hexdigest()[:16]
     root = Path(root)/"tokens"; root.mkdir(parents=True, exist_ok=True)
     final = root/f"{corpus.name}-{tokenizer}-{key}"
-    if _valid_cache(final, key): return TokenCache(final)
+    if _valid_cache(final, key):
+        _check_length(json.loads((final/"meta.json").read_text())["tokens"], min_tokens, corpus.source)
+        return TokenCache(final)
     _sweep_stale(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=root))
     dtype, t0 = token_dtype(enc.n_vocab), time.time()
@@ -275,6 +285,7 @@ def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path
                 with open(tmp/f"{src}.bin", "r+b") as f: f.truncate((n_tok[src] - len(arr)) * dtype.itemsize)
                 with open(tmp/f"{dst}.bin", "ab") as f: arr.tofile(f)
                 n_docs[src] -= 1; n_tok[src] -= len(arr); n_docs[dst] += 1; n_tok[dst] += len(arr)
+        _check_length(n_tok, min_tokens, corpus.source)       # too short to train on: leave no cache behind
         meta = dict(format=CACHE_FORMAT, key=key, source=corpus.source, fingerprint=corpus.fingerprint,
                     text_field=corpus.text_field, tokenizer=tokenizer, n_vocab=enc.n_vocab, eot=enc.eot_token, dtype=dtype.name,
                     val_fraction=val_fraction, documents=n_docs, tokens=n_tok, seconds=round(time.time() - t0, 2))
@@ -287,12 +298,14 @@ def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path
     return TokenCache(final)
 
 def prepare_data(data:str=PEOPLE_DAILY, tokenizer:str="cl100k_base", root:Path=Path("datasets"), text_field:str|None=None,
-                 txt_docs:str="blank", max_samples:int|None=None, val_fraction:float=0.05, progress:bool=True) -> TokenCache:
+                 txt_docs:str="blank", max_samples:int|None=None, val_fraction:float=0.05, progress:bool=True,
+                 min_tokens:int|None=None) -> TokenCache:
     "`open_corpus` + `build_token_cache`: the token cache for `data` under `root`, built once."
     if tokenizer not in SUPPORTED_TOKENIZERS: raise DataError(f"unknown tokenizer {tokenizer!r}; supported: {', '.join(SUPPORTED_TOKENIZERS)}")
-    return build_token_cache(open_corpus(data, text_field, txt_docs, max_samples, root), tokenizer, root, val_fraction, progress)
+    return build_token_cache(open_corpus(data, text_field, txt_docs, max_samples, root), tokenizer, root, val_fraction, progress,
+                             min_tokens=min_tokens)
 
-# %% ../nbs/05_data.ipynb #1f7f9ca4
+# %% ../nbs/05_data.ipynb #34fa5971
 def unigram_entropy(ids) -> float:
     "Entropy (nats/token) of the token frequencies in `ids`: the loss of the best context-free model on them."
     ids = np.asarray(ids)
@@ -300,7 +313,7 @@ def unigram_entropy(ids) -> float:
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
-# %% ../nbs/05_data.ipynb #f8849ff6
+# %% ../nbs/05_data.ipynb #37619815
 class GPTDataset(Dataset):
     "Sliding windows over token ids: item i is (ids[i·stride : i·stride+max_length], the same shifted by one)."
     def __init__(self, token_ids, # sequence of token ids (list, array or memmap)
@@ -324,7 +337,7 @@ def create_dataloader(token_ids, batch_size:int=4, max_length:int=256, stride:in
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(seed))
 
-# %% ../nbs/05_data.ipynb #b6aa56e9
+# %% ../nbs/05_data.ipynb #ffd1b8bb
 class WindowSampler:
     "Deterministic training batches over a token stream: batch `i` is always the same (input, target) pair."
     def __init__(self, tokens, # token ids (memmap)

@@ -6,7 +6,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/model.html.md"""
 
 # %% auto #0
 __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'GPTConfig', 'get_config', 'DummyGPT', 'CheckpointError', 'atomic_write',
-           'save_checkpoint', 'read_checkpoint_config', 'load_checkpoint']
+           'save_checkpoint', 'read_checkpoint_config', 'load_checkpoint', 'find_checkpoints', 'latest_checkpoint']
 
 # %% ../nbs/02_model.ipynb #0284756c
 import json, math, os, tempfile
@@ -177,3 +177,22 @@ def load_checkpoint(path, device="cpu") -> DummyGPT:
     try: _st_load_model(model, f, strict=True, device=str(device))
     except Exception as e: raise CheckpointError(f"{f} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return model.to(device).eval()
+
+# %% ../nbs/02_model.ipynb #a8d89ea7
+def find_checkpoints(root="model") -> list[Path]:
+    "Complete checkpoint folders under `root` (up to three levels deep), oldest first."
+    found = []
+    for depth in ("*", "*/*", "*/*/*"):
+        for cfg in Path(root).glob(f"{depth}/config.json"):
+            d = cfg.parent
+            if any(part.startswith(".") for part in d.relative_to(root).parts) or not (d/"model.safetensors").is_file(): continue
+            try: read_checkpoint_config(d)
+            except CheckpointError: continue
+            found.append(d)
+    return sorted(found, key=lambda d: (d/"model.safetensors").stat().st_mtime)
+
+def latest_checkpoint(root="model") -> Path:
+    "The newest complete checkpoint under `root`; `CheckpointError` if there is none."
+    found = find_checkpoints(root)
+    if not found: raise CheckpointError(f"no checkpoint found under {root}/; train one first, e.g. with `make demo`")
+    return found[-1]

@@ -10,7 +10,7 @@ __all__ = ['DEMO', 'ConfigError', 'TrainingDiverged', 'TrainConfig', 'resolve_de
            'load_training_state', 'plot_losses', 'dist_env', 'find_run', 'train', 'build_parser', 'config_from_args',
            'main']
 
-# %% ../nbs/06_train.ipynb #bb48db9c
+# %% ../nbs/06_train.ipynb #c3fd605c
 import argparse, contextlib, datetime, json, math, os, shutil, sys, tempfile, time, typing
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -28,7 +28,7 @@ from .model import (PRESETS, DummyGPT, GPTConfig, get_config, save_checkpoint, r
 from .generate import generate
 from .data import PEOPLE_DAILY, DataError, GPTDataset, WindowSampler, prepare_data, unigram_entropy
 
-# %% ../nbs/06_train.ipynb #6d2d8981
+# %% ../nbs/06_train.ipynb #c8989f2a
 class ConfigError(ValueError):
     "Invalid training settings (raised before any work starts)."
 
@@ -111,7 +111,7 @@ class TrainConfig:
             bad(f"--bf16: this {dev.type.upper()} has no fast bf16 support (needs AVX512-BF16/AMX or a bf16 GPU); use --no-bf16")
         return self
 
-# %% ../nbs/06_train.ipynb #b9ad7293
+# %% ../nbs/06_train.ipynb #ebd3d527
 def resolve_device(device:str="auto") -> torch.device:
     "`auto` → cuda if available else cpu; raises `ConfigError` for a device that is not there."
     if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,7 +133,7 @@ def bf16_supported(device:torch.device) -> bool:
     if device.type == "cuda": return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
-# %% ../nbs/06_train.ipynb #87d34c13
+# %% ../nbs/06_train.ipynb #457803ad
 def lr_factor(step:int, warmup_steps:int, max_steps:int, min_ratio:float) -> float:
     "Multiplier of the peak lr for `step` (0-based): linear warm-up, then cosine decay to `min_ratio`."
     if step < warmup_steps: return (step + 1) / warmup_steps
@@ -150,7 +150,7 @@ def configure_optimizer(model:torch.nn.Module, cfg:TrainConfig, device:torch.dev
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, min_ratio))
     return opt, sched
 
-# %% ../nbs/06_train.ipynb #9afea405
+# %% ../nbs/06_train.ipynb #5ce9b8fd
 def lm_loss(model, x:torch.Tensor, y:torch.Tensor) -> torch.Tensor:
     "Mean next-token cross-entropy (computed in fp32) of `model` on inputs `x` and targets `y`, both (B, T)."
     logits = model(x)
@@ -176,7 +176,7 @@ def evaluate(model, tokens, context_len:int, batch_size:int, max_batches:int, de
     finally: model.train(was_training)
     return total / n
 
-# %% ../nbs/06_train.ipynb #fbd2147d
+# %% ../nbs/06_train.ipynb #df9578e3
 def _write_folder(final:Path, fill) -> Path:
     "Builds a folder with `fill(tmp_folder)`, then renames it to `final` (replacing an older one)."
     final = Path(final); final.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +215,7 @@ def _set_rng_state(s:dict):
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
-# %% ../nbs/06_train.ipynb #0533c84d
+# %% ../nbs/06_train.ipynb #091f5988
 def plot_losses(history:dict, path:Path, baseline:float|None=None, title:str="") -> Path:
     "Saves train/val loss vs tokens seen (and the unigram baseline) as a PNG at `path`, atomically."
     import matplotlib; matplotlib.use("Agg")
@@ -236,12 +236,12 @@ def plot_losses(history:dict, path:Path, baseline:float|None=None, title:str="")
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/06_train.ipynb #7c3aada3
+# %% ../nbs/06_train.ipynb #5244d575
 def dist_env() -> tuple[int, int, int]:
     "(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 for a plain process)."
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
-# %% ../nbs/06_train.ipynb #eaefba43
+# %% ../nbs/06_train.ipynb #9ba0e433
 def _new_run_name(cfg) -> str: return f"{cfg.preset}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 def find_run(out_dir:Path, run:str|None) -> Path:
@@ -269,9 +269,16 @@ def _init_model(cfg:TrainConfig, cache, device) -> DummyGPT:
     else: model = load_checkpoint(cfg.init_from)
     mc = model.cfg
     if mc.tokenizer != cfg.tokenizer: raise ConfigError(f"--init-from {cfg.init_from} uses tokenizer {mc.tokenizer}, the data uses {cfg.tokenizer}; pass --tokenizer {mc.tokenizer}")
-    if cfg.context_len and cfg.context_len > mc.context_len: raise ConfigError(f"--context-len {cfg.context_len} exceeds the model's {mc.context_len}")
     if cfg.drop_rate is not None and cfg.drop_rate != mc.drop_rate: model = _with_dropout(model, cfg.drop_rate)
     return model
+
+def _model_context_len(cfg:TrainConfig, ckpt:Path|None) -> int:
+    "The context window of the model the run will train, known before the model is built."
+    src = ckpt or (None if cfg.init_from in ("scratch", "gpt2") else Path(cfg.init_from))
+    if src is None: return 1024 if cfg.init_from == "gpt2" else get_config(cfg.preset).context_len
+    try: c = json.loads((src/"config.json").read_text())
+    except (OSError, ValueError) as e: raise CheckpointError(f"{src} is not a checkpoint folder ({type(e).__name__}: {e})") from None
+    return c["model"]["context_len"] if "model" in c else c.get("n_positions", 1024)
 
 def _with_dropout(model, p):
     m = DummyGPT(GPTConfig(**{**asdict(model.cfg), "drop_rate": p})); m.load_state_dict(model.state_dict()); return m
@@ -323,20 +330,20 @@ def _train(cfg, rank, world, master, log):
         run_dir = out_dir/cfg.run
         if step_checkpoints(run_dir): raise ConfigError(f"{run_dir} already has checkpoints; continue it with --resume --run {cfg.run}, or pick another --run")
     bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
+    if state and master:
+        for d in [*run_dir.glob(".tmp-*"), *run_dir.glob(".old-*")]: shutil.rmtree(d, ignore_errors=True)   # a killed save
     # ---- data (rank 0 builds the token cache, the others then read it) ---------------------------------------
+    T = cfg.context_len or _model_context_len(cfg, ckpt if state else None)
     data_kw = dict(tokenizer=cfg.tokenizer, root=Path(cfg.data_dir), text_field=cfg.text_field, txt_docs=cfg.txt_docs,
-                   max_samples=cfg.max_samples, val_fraction=cfg.val_fraction)
+                   max_samples=cfg.max_samples, val_fraction=cfg.val_fraction, min_tokens=T + 1)
     if master: cache = prepare_data(cfg.data, progress=cfg.progress, **data_kw)
     _barrier(world)
     if not master: cache = prepare_data(cfg.data, progress=False, **data_kw)
     # ---- model, optimiser ----------------------------------------------------------------------------------
     model = load_checkpoint(ckpt) if state else _init_model(cfg, cache, device)
-    T = cfg.context_len or model.cfg.context_len
+    if T > model.cfg.context_len: raise ConfigError(f"--context-len {T} exceeds the model's context window {model.cfg.context_len}")
     lut = _vocab_lut(model.cfg, cache)
     sampler = WindowSampler(cache.train, T, cfg.batch_size, cfg.seed, cfg.sampler, lut=lut)
-    if GPTDataset(cache.val, T, T).n == 0:
-        raise DataError(f"the validation split has {len(cache.val):,} tokens, fewer than one window ({T} + 1); "
-                        f"raise --val-fraction, use a larger corpus or a smaller --context-len")
     model.to(device).train()
     opt, sched = configure_optimizer(model, cfg, device)
     step, tokens, best = 0, 0, float("inf")
@@ -433,7 +440,7 @@ def _train(cfg, rank, world, master, log):
         atomic_write(run_dir/"summary.json", lambda t: Path(t).write_text(json.dumps(summary, indent=2, ensure_ascii=False)))
     return summary
 
-# %% ../nbs/06_train.ipynb #25adce58
+# %% ../nbs/06_train.ipynb #00bdb94a
 DEMO = dict(preset="small", data=PEOPLE_DAILY, tokenizer="cl100k_base", compact_vocab=True, context_len=128, batch_size=16,
             max_steps=1500, lr=2e-3, warmup_steps=100, eval_every=250, eval_batches=20, save_every=500, time_limit=9.0)
 
@@ -496,5 +503,5 @@ def main(argv=None) -> int:
     if dist_env()[0] == 0: _report(summary, cfg)
     return 0
 
-# %% ../nbs/06_train.ipynb #2f9c407d
+# %% ../nbs/06_train.ipynb #e6497f0b
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.train` (not in a notebook)
