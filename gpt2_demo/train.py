@@ -10,7 +10,7 @@ __all__ = ['DEMO', 'ConfigError', 'TrainingDiverged', 'TrainConfig', 'resolve_de
            'load_training_state', 'plot_losses', 'dist_env', 'find_run', 'train', 'build_parser', 'config_from_args',
            'main']
 
-# %% ../nbs/06_train.ipynb #c3fd605c
+# %% ../nbs/06_train.ipynb #80c6f45c
 import argparse, contextlib, datetime, json, math, os, shutil, sys, tempfile, time, typing
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -28,7 +28,7 @@ from .model import (PRESETS, DummyGPT, GPTConfig, get_config, save_checkpoint, r
 from .generate import generate
 from .data import PEOPLE_DAILY, DataError, GPTDataset, WindowSampler, prepare_data, unigram_entropy
 
-# %% ../nbs/06_train.ipynb #c8989f2a
+# %% ../nbs/06_train.ipynb #c3aec5df
 class ConfigError(ValueError):
     "Invalid training settings (raised before any work starts)."
 
@@ -72,10 +72,10 @@ class TrainConfig:
     sample_tokens:int = 40           # tokens in that sample
     save_every:int = 500             # steps between checkpoints
     keep_last:int = 2                # step checkpoints kept (plus the best)
-    out_dir:str = "model"            # checkpoints go to OUT_DIR/RUN
-    log_dir:str = "log"              # TensorBoard logs go to LOG_DIR/RUN
-    run:str|None = None              # run name (default: PRESET-DATE-TIME)
-    resume:bool = False              # continue RUN (default: the newest run) from its last checkpoint
+    out_dir:str = "model"            # checkpoints go to OUT_DIR/RUN_NAME
+    log_dir:str = "log"              # TensorBoard logs go to LOG_DIR/RUN_NAME
+    run_name:str|None = None         # run name: folder under OUT_DIR and LOG_DIR (default: PRESET-DATE-TIME)
+    resume:bool = False              # continue run RUN_NAME (default: the newest run) from its last checkpoint
     time_limit:float|None = None     # stop (and save) after this many minutes
     device:str = "auto"              # auto, cpu, cuda or cuda:N
     progress:bool = True             # show a progress bar
@@ -102,7 +102,7 @@ class TrainConfig:
         if self.sampler not in ("random", "epochs"): bad(f"--sampler must be 'random' or 'epochs', got {self.sampler!r}")
         if self.txt_docs not in ("blank", "line"): bad(f"--txt-docs must be 'blank' or 'line', got {self.txt_docs!r}")
         if self.time_limit is not None and not self.time_limit > 0: bad(f"--time-limit must be a positive number of minutes, got {self.time_limit}")
-        if self.run is not None and (not self.run or "/" in self.run or self.run.startswith(".")): bad(f"--run must be a plain folder name, got {self.run!r}")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")): bad(f"--run-name must be a plain folder name, got {self.run_name!r}")
         if self.init_from not in ("scratch", "gpt2") and not Path(self.init_from).is_dir():
             bad(f"--init-from must be scratch, gpt2 or a checkpoint folder; {self.init_from!r} is not a folder")
         if self.init_from != "scratch" and self.resume: bad("--init-from and --resume exclude each other (a resumed run continues its own weights)")
@@ -111,7 +111,7 @@ class TrainConfig:
             bad(f"--bf16: this {dev.type.upper()} has no fast bf16 support (needs AVX512-BF16/AMX or a bf16 GPU); use --no-bf16")
         return self
 
-# %% ../nbs/06_train.ipynb #ebd3d527
+# %% ../nbs/06_train.ipynb #f8aac2ca
 def resolve_device(device:str="auto") -> torch.device:
     "`auto` → cuda if available else cpu; raises `ConfigError` for a device that is not there."
     if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,7 +133,7 @@ def bf16_supported(device:torch.device) -> bool:
     if device.type == "cuda": return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
-# %% ../nbs/06_train.ipynb #457803ad
+# %% ../nbs/06_train.ipynb #b2ed6468
 def lr_factor(step:int, warmup_steps:int, max_steps:int, min_ratio:float) -> float:
     "Multiplier of the peak lr for `step` (0-based): linear warm-up, then cosine decay to `min_ratio`."
     if step < warmup_steps: return (step + 1) / warmup_steps
@@ -150,7 +150,7 @@ def configure_optimizer(model:torch.nn.Module, cfg:TrainConfig, device:torch.dev
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, min_ratio))
     return opt, sched
 
-# %% ../nbs/06_train.ipynb #5ce9b8fd
+# %% ../nbs/06_train.ipynb #142b624a
 def lm_loss(model, x:torch.Tensor, y:torch.Tensor) -> torch.Tensor:
     "Mean next-token cross-entropy (computed in fp32) of `model` on inputs `x` and targets `y`, both (B, T)."
     logits = model(x)
@@ -176,7 +176,7 @@ def evaluate(model, tokens, context_len:int, batch_size:int, max_batches:int, de
     finally: model.train(was_training)
     return total / n
 
-# %% ../nbs/06_train.ipynb #df9578e3
+# %% ../nbs/06_train.ipynb #81b3f463
 def _write_folder(final:Path, fill) -> Path:
     "Builds a folder with `fill(tmp_folder)`, then renames it to `final` (replacing an older one)."
     final = Path(final); final.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +215,7 @@ def _set_rng_state(s:dict):
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
-# %% ../nbs/06_train.ipynb #091f5988
+# %% ../nbs/06_train.ipynb #c9b90738
 def plot_losses(history:dict, path:Path, baseline:float|None=None, title:str="") -> Path:
     "Saves train/val loss vs tokens seen (and the unigram baseline) as a PNG at `path`, atomically."
     import matplotlib; matplotlib.use("Agg")
@@ -236,12 +236,12 @@ def plot_losses(history:dict, path:Path, baseline:float|None=None, title:str="")
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/06_train.ipynb #5244d575
+# %% ../nbs/06_train.ipynb #89cfbc35
 def dist_env() -> tuple[int, int, int]:
     "(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 for a plain process)."
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
-# %% ../nbs/06_train.ipynb #9ba0e433
+# %% ../nbs/06_train.ipynb #f99528e1
 def _new_run_name(cfg) -> str: return f"{cfg.preset}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 def find_run(out_dir:Path, run:str|None) -> Path:
@@ -316,19 +316,19 @@ def _train(cfg, rank, world, master, log):
     # ---- which run, and from where --------------------------------------------------------------------------
     state = None
     if cfg.resume:
-        run_dir = find_run(out_dir, cfg.run)
+        run_dir = find_run(out_dir, cfg.run_name)
         ckpt = step_checkpoints(run_dir)[-1]
         saved = read_checkpoint_config(ckpt)
         keep = {k: getattr(cfg, k) for k in ("device", "progress", "out_dir", "log_dir", "compile", "data_dir", "time_limit")}
-        cfg = TrainConfig(**{**saved["train"], **keep, "run": run_dir.name, "resume": True})
+        cfg = TrainConfig(**{**saved["train"], **keep, "run_name": run_dir.name, "resume": True})
         state = load_training_state(ckpt)
         if state["micro_per_step"] != world * cfg.grad_accum:
             raise ConfigError(f"the run was trained with {state['micro_per_step']} micro-batches per step (processes × --grad-accum); "
                               f"now {world} × {cfg.grad_accum}: resume with the same product")
     else:
-        cfg.run = cfg.run or _new_run_name(cfg)
-        run_dir = out_dir/cfg.run
-        if step_checkpoints(run_dir): raise ConfigError(f"{run_dir} already has checkpoints; continue it with --resume --run {cfg.run}, or pick another --run")
+        cfg.run_name = cfg.run_name or _new_run_name(cfg)
+        run_dir = out_dir/cfg.run_name
+        if step_checkpoints(run_dir): raise ConfigError(f"{run_dir} already has checkpoints; continue it with --resume --run-name {cfg.run_name}, or pick another --run-name")
     bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
     if state and master:
         for d in [*run_dir.glob(".tmp-*"), *run_dir.glob(".old-*")]: shutil.rmtree(d, ignore_errors=True)   # a killed save
@@ -362,8 +362,8 @@ def _train(cfg, rank, world, master, log):
     writer = None
     if master:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(Path(cfg.log_dir)/cfg.run), purge_step=step if state else None)
-        log(f"{'resuming' if state else 'run'} {cfg.run} {'at step ' + str(step) + ' ' if state else ''}| {cache} | "
+        writer = SummaryWriter(str(Path(cfg.log_dir)/cfg.run_name), purge_step=step if state else None)
+        log(f"{'resuming' if state else 'run'} {cfg.run_name} {'at step ' + str(step) + ' ' if state else ''}| {cache} | "
             f"model {model.num_params():,} params, vocab {model.cfg.vocab_size:,}{' (compact)' if model.cfg.vocab_ids else ''}, "
             f"context {T} | {world} process(es) × {cfg.grad_accum} × {cfg.batch_size} windows/step | {device}{' bf16' if bf16 else ''}")
     per_step = cfg.batch_size * T * cfg.grad_accum * world
@@ -398,7 +398,7 @@ def _train(cfg, rank, world, master, log):
                 last = step_checkpoints(run_dir)
                 raise TrainingDiverged(f"{'loss' if not math.isfinite(loss_v) else 'gradient norm'} became {loss_v if not math.isfinite(loss_v) else gnorm_v} "
                                        f"at step {step + 1}; stopped without saving. Last good checkpoint: {last[-1] if last else 'none'} "
-                                       f"(lower --lr and resume with --resume --run {cfg.run})")
+                                       f"(lower --lr and resume with --resume --run-name {cfg.run_name})")
             lr = opt.param_groups[0]["lr"]
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             step += 1; tokens += per_step
@@ -429,18 +429,18 @@ def _train(cfg, rank, world, master, log):
         bar.close()
         if writer: writer.close()
     # ---- summary --------------------------------------------------------------------------------------------
-    summary = dict(run=cfg.run, steps=step, tokens=tokens, final_train_loss=history["train"][-1][2] if history["train"] else None,
+    summary = dict(run=cfg.run_name, steps=step, tokens=tokens, final_train_loss=history["train"][-1][2] if history["train"] else None,
                    final_val_loss=last_val, best_val_loss=best if best < float("inf") else None,
                    val_perplexity=math.exp(last_val) if last_val is not None else None, unigram_baseline=baseline,
                    seconds=round(time.time() - t_start, 1), sample=text, stopped=stop_reason,
-                   checkpoint=str(run_dir/"best"), log_dir=str(Path(cfg.log_dir)/cfg.run))
+                   checkpoint=str(run_dir/"best"), log_dir=str(Path(cfg.log_dir)/cfg.run_name))
     if master:
-        title = f"{cfg.run}: {model.num_params() / 1e6:.1f}M params on {Path(str(cfg.data)).name}"
-        for d in (run_dir, Path(cfg.log_dir)/cfg.run): plot_losses(history, d/"loss.png", baseline, title)
+        title = f"{cfg.run_name}: {model.num_params() / 1e6:.1f}M params on {Path(str(cfg.data)).name}"
+        for d in (run_dir, Path(cfg.log_dir)/cfg.run_name): plot_losses(history, d/"loss.png", baseline, title)
         atomic_write(run_dir/"summary.json", lambda t: Path(t).write_text(json.dumps(summary, indent=2, ensure_ascii=False)))
     return summary
 
-# %% ../nbs/06_train.ipynb #00bdb94a
+# %% ../nbs/06_train.ipynb #6f421c43
 DEMO = dict(preset="small", data=PEOPLE_DAILY, tokenizer="cl100k_base", compact_vocab=True, context_len=128, batch_size=16,
             max_steps=1500, lr=2e-3, warmup_steps=100, eval_every=250, eval_batches=20, save_every=500, time_limit=9.0)
 
@@ -472,7 +472,7 @@ def config_from_args(argv=None) -> TrainConfig:
     "The TrainConfig for command-line `argv` (`--demo` supplies the demo's values; explicit flags win)."
     ns = vars(build_parser().parse_args(argv))
     demo = ns.pop("demo", False)
-    base = {**DEMO, "run": "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")} if demo else {}
+    base = {**DEMO, "run_name": "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")} if demo else {}
     return TrainConfig(**{**base, **ns})
 
 def _report(s:dict, cfg:TrainConfig):
@@ -498,10 +498,10 @@ def main(argv=None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr); return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: python -m gpt2_demo.train --resume" + (f" --run {cfg.run}" if 'cfg' in locals() and cfg.run else ""), file=sys.stderr)
+        print(f"\ninterrupted; continue with: python -m gpt2_demo.train --resume" + (f" --run-name {cfg.run_name}" if 'cfg' in locals() and cfg.run_name else ""), file=sys.stderr)
         return 130
     if dist_env()[0] == 0: _report(summary, cfg)
     return 0
 
-# %% ../nbs/06_train.ipynb #e6497f0b
+# %% ../nbs/06_train.ipynb #2881e58c
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.train` (not in a notebook)

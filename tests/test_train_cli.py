@@ -1,0 +1,164 @@
+"""End-to-end tests of `python -m gpt2_demo.train`: data sources, bad input, kill/resume, and torchrun (DDP) equivalence.
+
+Every run here is a real CLI process on a tiny model and a small corpus written by the test itself."""
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+PY = sys.executable
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+PARAGRAPHS = [f"第{i}段：人民日报记者报道，今天的天气很好。The quick brown fox number {i} jumps over the lazy dog."
+              for i in range(300)]
+
+
+def tiny_args(tmp: Path, data, *extra, steps=20, run="r"):
+    "Flags for a fast run: tiny preset, gpt2 tokenizer, everything under `tmp`."
+    return ["--data", str(data), "--tokenizer", "gpt2", "--preset", "tiny", "--context-len", "32", "--batch-size", "4",
+            "--max-steps", str(steps), "--warmup-steps", "2", "--eval-every", "10", "--eval-batches", "2",
+            "--save-every", "10", "--sample-tokens", "4", "--run-name", run, "--out-dir", str(tmp / "model"),
+            "--log-dir", str(tmp / "log"), "--data-dir", str(tmp / "datasets"), "--no-progress", *extra]
+
+
+def train(args, **kw):
+    return subprocess.run([PY, "-m", "gpt2_demo.train", *args], capture_output=True, text=True, env=ENV, **kw)
+
+
+def history(ckpt: Path) -> dict:
+    return torch.load(ckpt / "train_state.pt", weights_only=True)["history"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "c.txt").write_text("\n\n".join(PARAGRAPHS) + "\n", encoding="utf-8")
+    return d / "c.txt"
+
+
+# ---- data sources --------------------------------------------------------------------------------------------
+
+def write_source(d: Path, kind: str) -> Path:
+    if kind == "txt-line":
+        p = d / "line.txt"; p.write_text("\n".join(PARAGRAPHS) + "\n", encoding="utf-8")
+    elif kind == "jsonl":
+        p = d / "c.jsonl"; p.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in PARAGRAPHS), encoding="utf-8")
+    elif kind == "json-array":   # the layout of wikipedia-cn-20230720-filtered.json
+        p = d / "wiki.json"; p.write_text(json.dumps([{"completion": t, "source": "wikipedia"} for t in PARAGRAPHS], ensure_ascii=False), encoding="utf-8")
+    elif kind == "parquet":
+        import pyarrow as pa, pyarrow.parquet as pq
+        p = d / "c.parquet"; pq.write_table(pa.table({"content": PARAGRAPHS, "id": list(range(len(PARAGRAPHS)))}), p)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["txt-line", "jsonl", "json-array", "parquet"])
+def test_data_sources_train(tmp_path, kind):
+    src = write_source(tmp_path, kind)
+    extra = ["--txt-docs", "line"] if kind == "txt-line" else []
+    r = train(tiny_args(tmp_path, src, *extra, steps=10))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads(next((tmp_path / "datasets" / "tokens").glob("*/meta.json")).read_text())
+    assert sum(meta["documents"].values()) == len(PARAGRAPHS)            # one document per record/line
+    assert meta["text_field"] == {"txt-line": "text", "jsonl": "text", "json-array": "completion", "parquet": "content"}[kind]
+    s = json.loads((tmp_path / "model" / "r" / "summary.json").read_text())
+    assert s["steps"] == 10 and np.isfinite(s["final_val_loss"])
+    assert "val loss" in r.stdout and "unigram baseline" in r.stdout
+
+
+# ---- bad input: one line, exit status 2, no traceback, nothing left behind ------------------------------------
+
+def bad_inputs(d: Path) -> dict:
+    (d / "gbk.txt").write_bytes("开头是UTF-8，".encode() + "后面是GBK编码的中文".encode("gbk"))
+    (d / "empty.jsonl").write_text("")
+    (d / "blank.txt").write_text("\n\n  \n\n")
+    (d / "short.txt").write_text("一篇很短的文章。\n\n另一篇。\n")
+    (d / "fields.jsonl").write_text('{"title": "t", "body": "b"}\n' * 5)
+    return {"missing file": ([str(d / "nope.txt")], "no such file"),
+            "undecodable bytes": ([str(d / "gbk.txt")], "not valid UTF-8 at byte offset"),
+            "empty file": ([str(d / "empty.jsonl")], "empty"),
+            "empty corpus": ([str(d / "blank.txt")], "no text found"),
+            "shorter than one window": ([str(d / "short.txt")], "fewer than one context window"),
+            "missing text field": ([str(d / "fields.jsonl")], "fields found: title, body"),
+            "bad setting": ([str(d / "short.txt"), "--lr", "-1"], "--lr must be a positive number"),
+            "bad init": ([str(d / "short.txt"), "--init-from", str(d / "no-such-checkpoint")], "--init-from"),
+            "hub offline": (["pleisto/wikipedia-cn-20230720-filtered", "--max-samples", "20000"], "cannot reach the Hugging Face hub")}
+
+
+@pytest.mark.parametrize("case", list(bad_inputs(Path("/tmp")).keys()))
+def test_bad_input(tmp_path, case):
+    data, message = bad_inputs(tmp_path)[case]
+    r = train(tiny_args(tmp_path, data[0], *data[1:]))
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "model").exists() and not (tmp_path / "log").exists()
+    tokens = tmp_path / "datasets" / "tokens"
+    assert not tokens.exists() or not any(tokens.iterdir()), list(tokens.iterdir())
+
+
+def test_existing_run_is_not_overwritten(tmp_path, corpus):
+    assert train(tiny_args(tmp_path, corpus, steps=10)).returncode == 0
+    r = train(tiny_args(tmp_path, corpus, steps=10))
+    assert r.returncode == 2 and "already has checkpoints" in r.stderr and "--resume" in r.stderr
+
+
+# ---- exact resume after SIGKILL -------------------------------------------------------------------------------
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, corpus):
+    steps, every = 600, 50
+    args = lambda run: tiny_args(tmp_path, corpus, "--drop-rate", "0.1", "--eval-every", "100", steps=steps, run=run)
+    run = tmp_path / "model" / "killed"
+    p = subprocess.Popen([PY, "-m", "gpt2_demo.train", *args("killed"), "--save-every", str(every)], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / f"step-{2 * every:06d}").exists():                  # kill mid-run, after a checkpoint
+        assert p.poll() is None, f"run ended before it could be killed: {p.stderr.read()}"
+        assert time.time() < deadline; time.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert not (run / f"step-{steps:06d}").exists()                       # it really was cut short
+    killed_at = max(int(c.name.split("-")[1]) for c in run.glob("step-*"))
+    r = train(["--resume", "--run-name", "killed", "--out-dir", str(tmp_path / "model"), "--log-dir", str(tmp_path / "log"),
+               "--data-dir", str(tmp_path / "datasets"), "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    assert f"resuming killed at step {killed_at}" in r.stdout
+    r2 = train([*args("straight"), "--save-every", str(every)])
+    assert r2.returncode == 0, r2.stderr
+    a = json.loads((run / "summary.json").read_text())
+    b = json.loads((tmp_path / "model" / "straight" / "summary.json").read_text())
+    assert abs(a["final_train_loss"] - b["final_train_loss"]) <= 1e-6, (a, b)
+    assert abs(a["final_val_loss"] - b["final_val_loss"]) <= 1e-6, (a, b)
+    ha, hb = history(run / f"step-{steps:06d}"), history(tmp_path / "model" / "straight" / f"step-{steps:06d}")
+    assert len(ha["train"]) == len(hb["train"]) == steps
+    assert max(abs(x[2] - y[2]) for x, y in zip(ha["train"], hb["train"])) <= 1e-6
+    assert not list(run.glob(".tmp-*"))
+
+
+# ---- torchrun: 2 CPU ranks == 1 process with 2 accumulation steps ----------------------------------------------
+
+def test_ddp_two_ranks_match_grad_accum(tmp_path, corpus):
+    common = ["--no-bf16", "--drop-rate", "0"]
+    single = train([*tiny_args(tmp_path, corpus, *common, "--grad-accum", "2", steps=20, run="single")])
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2_demo.train",
+                          *tiny_args(tmp_path, corpus, *common, "--grad-accum", "1", steps=20, run="ddp")],
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    h1, h2 = history(tmp_path / "model" / "single" / "step-000020"), history(tmp_path / "model" / "ddp" / "step-000020")
+    assert [r[:2] for r in h1["train"]] == [r[:2] for r in h2["train"]]   # same steps, same tokens seen
+    diffs = [abs(a[2] - b[2]) for a, b in zip(h1["train"], h2["train"])] + [abs(a[2] - b[2]) for a, b in zip(h1["val"], h2["val"])]
+    assert len(diffs) == 22 and max(diffs) <= 1e-5, diffs
+    assert h1["train"][0][2] - h1["train"][-1][2] > 0.5                  # and the curve is a real, falling one
+    assert ddp.stdout.count("val loss") == 1                              # only rank 0 reports
+
+
+def test_help_lists_every_flag():
+    r = subprocess.run([PY, "-m", "gpt2_demo.train", "--help"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0
+    for flag in ["--data", "--tokenizer", "--preset", "--context-len", "--batch-size", "--grad-accum", "--max-steps", "--lr",
+                 "--warmup-steps", "--eval-every", "--save-every", "--out-dir", "--log-dir", "--resume", "--init-from", "--seed",
+                 "--bf16", "--no-bf16", "--compile", "--demo"]:
+        assert flag in r.stdout, flag
