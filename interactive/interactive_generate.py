@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Talk to a saved GPT-2 in the terminal; `--help` lists the flags, `/help` the commands.
+
+All the logic is in `gpt2_demo.interactive` (nbs/07_interactive.ipynb); this file only starts it."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # a checkout works without `pip install -e .`
+from gpt2_demo.interactive import main
+
+if __name__ == "__main__": sys.exit(main())
