@@ -6,9 +6,10 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/model.html.md"""
 
 # %% auto #0
 __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'GPTConfig', 'get_config', 'DummyGPT', 'CheckpointError', 'atomic_write',
-           'save_checkpoint', 'read_checkpoint_config', 'load_checkpoint', 'find_checkpoints', 'latest_checkpoint']
+           'save_checkpoint', 'read_checkpoint_config', 'load_checkpoint', 'find_checkpoints', 'latest_checkpoint',
+           'resolve_device', 'bf16_supported']
 
-# %% ../nbs/02_model.ipynb #0284756c
+# %% ../nbs/02_model.ipynb #211e3fe2
 import json, math, os, tempfile
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors.torch import save_model as _st_save_model, load_model as _st_lo
 from .layers import LayerNorm, TransformerBlock, KVCache
 from .tokenizer import N_VOCAB
 
-# %% ../nbs/02_model.ipynb #07e94cb9
+# %% ../nbs/02_model.ipynb #f46536d1
 @dataclass
 class GPTConfig:
     "Hyper-parameters of a GPT-2-style model."
@@ -51,7 +52,7 @@ class GPTConfig:
     @property
     def head_dim(self): return self.emb_dim // self.n_heads
 
-# %% ../nbs/02_model.ipynb #19f8eff2
+# %% ../nbs/02_model.ipynb #9365951e
 PRESETS = {
     "gpt2":        dict(emb_dim=768,  n_heads=12, n_layers=12),
     "gpt2-medium": dict(emb_dim=1024, n_heads=16, n_layers=24),
@@ -75,7 +76,7 @@ def get_config(preset:str="gpt2", # one of PRESETS
     if unknown: raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     return GPTConfig(**kw)
 
-# %% ../nbs/02_model.ipynb #1625e025
+# %% ../nbs/02_model.ipynb #35bb74e2
 class DummyGPT(nn.Module):
     "GPT-2 written from scratch: embeddings, pre-norm transformer blocks, final norm, (tied) LM head."
     def __init__(self, cfg:GPTConfig):
@@ -134,7 +135,7 @@ class DummyGPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if non_embedding else n
 
-# %% ../nbs/02_model.ipynb #03647019
+# %% ../nbs/02_model.ipynb #0d99e14f
 CHECKPOINT_FORMAT = "gpt2_demo/1"
 
 class CheckpointError(RuntimeError):
@@ -178,7 +179,7 @@ def load_checkpoint(path, device="cpu") -> DummyGPT:
     except Exception as e: raise CheckpointError(f"{f} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return model.to(device).eval()
 
-# %% ../nbs/02_model.ipynb #a8d89ea7
+# %% ../nbs/02_model.ipynb #73e78fcd
 def find_checkpoints(root="model") -> list[Path]:
     "Complete checkpoint folders under `root` (up to three levels deep), oldest first."
     found = []
@@ -196,3 +197,30 @@ def latest_checkpoint(root="model") -> Path:
     found = find_checkpoints(root)
     if not found: raise CheckpointError(f"no checkpoint found under {root}/; train one first, e.g. with `make demo`")
     return found[-1]
+
+# %% ../nbs/02_model.ipynb #c6177840
+def resolve_device(device:str="auto", # auto (cuda if available), cpu, cuda or cuda:N
+                  ) -> torch.device:
+    "The torch device for `device`; ValueError (one line) for one this machine does not have."
+    if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try: dev = torch.device(device)
+    except RuntimeError: raise ValueError(f"device {device!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"): raise ValueError(f"device {device}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"): return set(line.split(":", 1)[1].split())
+    except OSError: pass
+    return set()
+
+def bf16_supported(device:torch.device) -> bool:
+    "Whether `device` computes bf16 matrix products natively (fast), not by emulation."
+    device = torch.device(device)
+    if device.type == "cuda": return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
