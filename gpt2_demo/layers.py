@@ -8,13 +8,13 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/layers.html.md"""
 __all__ = ['LayerNorm', 'GELU', 'FeedForward', 'CausalAttention', 'MultiHeadAttentionWrapper', 'KVCache', 'MultiHeadAttention',
            'TransformerBlock']
 
-# %% ../nbs/01_layers.ipynb #8a25b07f
+# %% ../nbs/01_layers.ipynb #9483a177
 import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../nbs/01_layers.ipynb #32c6d5f9
+# %% ../nbs/01_layers.ipynb #2a8a877b
 class LayerNorm(nn.Module):
     "Layer normalisation over the last dimension with learnable `scale` and `shift` (GPT-2: eps 1e-5, biased variance)."
     def __init__(self, emb_dim:int, eps:float=1e-5):
@@ -30,14 +30,14 @@ class LayerNorm(nn.Module):
 
     def forward(self, x): return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
 
-# %% ../nbs/01_layers.ipynb #bda04126
+# %% ../nbs/01_layers.ipynb #bd0b7d8e
 class GELU(nn.Module):
     "GPT-2's GELU, tanh approximation (Hugging Face's `gelu_new`)."
     def reference(self, x):
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
     def forward(self, x): return F.gelu(x, approximate="tanh")
 
-# %% ../nbs/01_layers.ipynb #6c1c8f4d
+# %% ../nbs/01_layers.ipynb #363dc969
 class FeedForward(nn.Module):
     "Linear(d → 4d) → GELU → Linear(4d → d) → Dropout."
     def __init__(self, emb_dim:int, drop_rate:float=0.0):
@@ -48,7 +48,7 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(drop_rate)
     def forward(self, x): return self.drop(self.proj(self.act(self.fc(x))))
 
-# %% ../nbs/01_layers.ipynb #bcf85cd1
+# %% ../nbs/01_layers.ipynb #7a597aac
 class CausalAttention(nn.Module):
     "One causal self-attention head (the teaching version: explicit mask and softmax)."
     def __init__(self, d_in:int, d_out:int, context_len:int, drop_rate:float=0.0, qkv_bias:bool=False):
@@ -67,7 +67,7 @@ class CausalAttention(nn.Module):
         weights = self.dropout(torch.softmax(scores, dim=-1))
         return weights @ v                                          # (B, T, d_out)
 
-# %% ../nbs/01_layers.ipynb #810b40da
+# %% ../nbs/01_layers.ipynb #ca3753b1
 class MultiHeadAttentionWrapper(nn.Module):
     "Multi-head attention as a stack of independent `CausalAttention` heads, concatenated, then projected."
     def __init__(self, d_in:int, d_out:int, context_len:int, n_heads:int, drop_rate:float=0.0, qkv_bias:bool=False):
@@ -77,7 +77,7 @@ class MultiHeadAttentionWrapper(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
     def forward(self, x): return self.out_proj(torch.cat([h(x) for h in self.heads], dim=-1))
 
-# %% ../nbs/01_layers.ipynb #37c7ec27
+# %% ../nbs/01_layers.ipynb #2810c651
 class KVCache:
     "Pre-allocated key/value buffers of one attention layer: (B, n_heads, max_len, head_dim) each."
     def __init__(self, batch:int, n_heads:int, max_len:int, head_dim:int, device=None, dtype=None):
@@ -94,7 +94,7 @@ class KVCache:
         self.pos += T
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
-# %% ../nbs/01_layers.ipynb #a9fe55f8
+# %% ../nbs/01_layers.ipynb #a1fb66b5
 class MultiHeadAttention(nn.Module):
     "Causal multi-head self-attention with one fused QKV projection; SDPA fast path, explicit path for teaching."
     def __init__(self, d_in:int, d_out:int, context_len:int, n_heads:int, drop_rate:float=0.0, qkv_bias:bool=False):
@@ -127,9 +127,9 @@ class MultiHeadAttention(nn.Module):
         "True where query start+i must not see key j (j > start+i)."
         return self.mask[start:start+T, :S] if S <= self.mask.shape[1] else torch.ones(T, S, dtype=torch.bool, device=self.mask.device).triu(start + 1)
 
-# %% ../nbs/01_layers.ipynb #dc2ab95a
+# %% ../nbs/01_layers.ipynb #92df5b94
 class TransformerBlock(nn.Module):
-    "Pre-norm GPT-2 block: x + Drop(Attn(LN1 x)), then x + Drop(FFN(LN2 x))."
+    "Pre-norm GPT-2 block: x + Drop(Attn(LN1 x)), then x + FFN(LN2 x) (the FFN ends with its own dropout)."
     def __init__(self, emb_dim:int, context_len:int, n_heads:int, drop_rate:float=0.0, qkv_bias:bool=False):
         super().__init__()
         self.norm1 = LayerNorm(emb_dim)
@@ -140,4 +140,4 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, cache:KVCache|None=None):
         x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x + self.ff(self.norm2(x))                       # FeedForward's last layer is its dropout
