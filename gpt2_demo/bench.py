@@ -8,8 +8,8 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/bench.html.md"""
 __all__ = ['PEAK_TFLOPS', 'machine_info', 'flops_per_token', 'train_modes', 'make_train_step', 'bench_train', 'measure_memory',
            'quality', 'bench_generate', 'main']
 
-# %% ../nbs/08_bench.ipynb #d769d026
-import argparse, json, math, os, platform, resource, statistics, subprocess, sys, time
+# %% ../nbs/08_bench.ipynb #3aad3c2b
+import argparse, json, math, os, platform, statistics, subprocess, sys, time
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from .model import DummyGPT, get_config, resolve_device, bf16_supported, latest_
 from .generate import generate, prepare_for_inference, INFERENCE_DTYPES
 from .train import Stepper, cross_entropy, evaluate
 
-# %% ../nbs/08_bench.ipynb #fd364bd5
+# %% ../nbs/08_bench.ipynb #1154d632
 def machine_info(device:torch.device) -> dict:
     "CPU or GPU name, core count, PyTorch version, and measured matmul rates and memory bandwidth."
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
@@ -44,7 +44,7 @@ def _timeit(f, device, n:int) -> float:
         t = time.perf_counter(); f(); _sync(device); ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
-# %% ../nbs/08_bench.ipynb #90adcff6
+# %% ../nbs/08_bench.ipynb #432b007c
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}  # dense bf16
 
 def flops_per_token(cfg, seq_len:int) -> float:
@@ -70,10 +70,11 @@ def make_train_step(mode:str, cfg, device, hf_model=None, seed:int=0):
     from transformers import GPT2LMHeadModel
     from gpt2_demo.hf import config_to_hf, from_hf
     torch.manual_seed(seed)
-    hf = hf_model if hf_model is not None else GPT2LMHeadModel(config_to_hf(cfg))
-    if mode.startswith("ours"):
-        st = Stepper(from_hf(hf).to(device).train(), bf16=mode.endswith("bf16"))
+    if mode.startswith("ours"):                       # HF's weights when given, else our own initialisation
+        model = from_hf(hf_model) if hf_model is not None else DummyGPT(cfg)
+        st = Stepper(model.to(device).train(), bf16=mode.endswith("bf16"))
         return lambda x, y: st.step([(x, y)], lr=1e-4)[0]
+    hf = hf_model if hf_model is not None else GPT2LMHeadModel(config_to_hf(cfg))
     hf = hf.to(device).train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     amp = mode.endswith("bf16")
@@ -122,7 +123,7 @@ def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=
                 params=DummyGPT(cfg).num_params() if cfg.n_layers <= 12 else None, flops_per_token=fpt, results=res,
                 best_ours=best_ours, best_hf=best_hf, ratio=round(res[best_ours]["tokens_per_s"] / res[best_hf]["tokens_per_s"], 2))
 
-# %% ../nbs/08_bench.ipynb #99fbacd1
+# %% ../nbs/08_bench.ipynb #29fb7250
 def _peak_memory(mode, preset, batch_size, seq_len, drop_rate, device) -> float:
     args = [sys.executable, "-m", "gpt2_demo.bench", "_memory", mode, "--preset", preset, "--batch-size", str(batch_size),
             "--seq-len", str(seq_len), "--device", str(device)] + ([] if drop_rate is None else ["--drop-rate", str(drop_rate)])
@@ -130,8 +131,10 @@ def _peak_memory(mode, preset, batch_size, seq_len, drop_rate, device) -> float:
     if out.returncode != 0: raise RuntimeError(f"memory measurement of {mode} failed: {out.stderr.strip().splitlines()[-1:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(key:str) -> float:
+    "A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: its peak), in MB."
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) / 1024
 
 def measure_memory(mode, preset, batch_size, seq_len, drop_rate, device) -> float:
     "Peak MB used by training `mode` for three steps (run in a fresh process by `_peak_memory`)."
@@ -139,14 +142,14 @@ def measure_memory(mode, preset, batch_size, seq_len, drop_rate, device) -> floa
     cfg = get_config(preset, context_len=max(seq_len, get_config(preset).context_len), drop_rate=drop_rate)
     from transformers import GPT2LMHeadModel; import gpt2_demo.hf          # imports done before the baseline
     x, y = _batch(cfg, batch_size, seq_len, device)
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device); base = torch.cuda.memory_allocated(device) / 2**20
     step = make_train_step(mode, cfg, device)
     for _ in range(3): step(x, y)
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20 - base
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return _status_mb("VmHWM") - base          # not ru_maxrss: a child process inherits its parent's high-water mark
 
-# %% ../nbs/08_bench.ipynb #1d822aac
+# %% ../nbs/08_bench.ipynb #76f7c795
 def _hf_generate(hf, ids, n):
     return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        use_cache=True, eos_token_id=None, pad_token_id=0)
@@ -210,7 +213,7 @@ def bench_generate(preset:str="gpt2", prompt_len:int=20, new_tokens:int=200, bat
                 fp32_tokens_identical=bool(res["ours-float32"]["agrees_with_hf_fp32"] == 1.0),
                 quality=quality(checkpoint, device=str(device)) if device.type == "cpu" or checkpoint else None)
 
-# %% ../nbs/08_bench.ipynb #9fe4893d
+# %% ../nbs/08_bench.ipynb #c2b249d0
 def _table(r:dict, info:dict) -> str:
     lines = [f"machine: {info.get('gpu') or info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch {info['torch']}; "
              f"measured matmul {info.get('matmul_tflops_float32')} TFLOP/s fp32, {info.get('matmul_tflops_bfloat16', '-')} bf16; "
@@ -278,5 +281,5 @@ def main(argv=None) -> int:
     print(json.dumps(r, indent=2) if a.json else "\n" + _table(r, info))
     return 0
 
-# %% ../nbs/08_bench.ipynb #70a98aa1
+# %% ../nbs/08_bench.ipynb #c8de726c
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.bench` (not in a notebook)

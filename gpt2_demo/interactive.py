@@ -8,7 +8,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/interactive.html.md"""
 __all__ = ['PROMPT', 'Settings', 'parse_setting', 'CommandError', 'run_command', 'check_tokenizer', 'LoadError', 'resolve_device',
            'load_model', 'describe', 'Session', 'build_parser', 'settings_from_args', 'main']
 
-# %% ../nbs/07_interactive.ipynb #f8a4c14b
+# %% ../nbs/07_interactive.ipynb #10bdb5a8
 import argparse, math, os, sys, time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,10 +18,11 @@ import torch
 from fastcore.basics import patch
 
 from .model import DummyGPT, GPTConfig, CheckpointError, load_checkpoint, latest_checkpoint, find_checkpoints
-from .generate import check_sampling, generate_stream
+from .model import resolve_device as _resolve_device
+from .generate import check_sampling, generate_stream, prepare_for_inference, default_inference_dtype, INFERENCE_DTYPES
 from .tokenizer import SUPPORTED_TOKENIZERS, CompactEncoding, StreamDecoder, get_tokenizer, tokenizer_for
 
-# %% ../nbs/07_interactive.ipynb #cbf4663c
+# %% ../nbs/07_interactive.ipynb #098ea0e3
 @dataclass(frozen=True)
 class Settings:
     "Sampling settings of a session; invalid values raise ValueError (the rules of `generate`)."
@@ -64,7 +65,7 @@ def parse_setting(name:str, # one of the `Settings` fields
     if isinstance(value, float) and not math.isfinite(value): raise ValueError(f"{name} must be {_SYNTAX[name]}, got {text!r}")
     return value
 
-# %% ../nbs/07_interactive.ipynb #9d63afb1
+# %% ../nbs/07_interactive.ipynb #3b5f6f23
 _DOC = {  # setting: (value syntax, what it does)
     "temperature": ("T", "sampling temperature; 0 = greedy"),
     "top_k": ("K|off", "sample only among the K most likely tokens"),
@@ -103,7 +104,7 @@ def run_command(line:str, # the line as typed, e.g. "/top_k 40"
         return new, f"{name} = {'off' if getattr(new, name) is None else getattr(new, name)}"
     raise CommandError(f"unknown command /{name}; /help lists the commands")
 
-# %% ../nbs/07_interactive.ipynb #0fb6bedb
+# %% ../nbs/07_interactive.ipynb #bb6cb97d
 def check_tokenizer(cfg:GPTConfig, # the model's config: `tokenizer`, `vocab_size`, `vocab_ids`
                    ):
     "The encoding a model with config `cfg` reads and writes; ValueError if the tokenizer is unknown or does not fit."
@@ -122,7 +123,7 @@ def check_tokenizer(cfg:GPTConfig, # the model's config: `tokenizer`, `vocab_siz
                          f"and include the 256 byte tokens and <|endoftext|>)")
     return enc
 
-# %% ../nbs/07_interactive.ipynb #e50e5131
+# %% ../nbs/07_interactive.ipynb #99dd3e7b
 class LoadError(Exception):
     "A model that cannot be used, or a bad command-line value; its message is one line for `error: …`."
 
@@ -130,15 +131,9 @@ def _one_line(e:BaseException) -> str: return " ".join(str(e).split()) or type(e
 
 def resolve_device(device:str="auto", # auto (cuda if available), cpu, cuda or cuda:N
                   ) -> torch.device:
-    "The torch device for `device`; `LoadError` for one that is not there."
-    if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try: dev = torch.device(device)
-    except RuntimeError: raise LoadError(f"--device {device!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type not in ("cpu", "cuda"): raise LoadError(f"--device {device}: only cpu and cuda are supported")
-    if dev.type == "cuda" and not torch.cuda.is_available(): raise LoadError(f"--device {device}: CUDA is not available on this machine")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise LoadError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+    "The torch device for `device` (`gpt2_demo.model.resolve_device`); `LoadError` for one that is not there."
+    try: return _resolve_device(device)
+    except ValueError as e: raise LoadError(f"--{e}") from None
 
 def _checkpoint_dir(checkpoint, model_dir) -> Path:
     "The checkpoint folder to load: `checkpoint` itself, the newest one inside it (a run folder), or the newest under `model_dir`."
@@ -154,8 +149,11 @@ def load_model(checkpoint=None, # a checkpoint folder (or a run folder: its newe
                hf=None,         # a Hugging Face GPT-2: a `save_pretrained` folder or a hub name
                model_dir="model", # where to find the newest checkpoint when neither is given
                device="cpu",    # where to put the model
+               dtype="float32", # how to store it for decoding: float32, bfloat16, int8, or auto (bf16 where native)
               ) -> tuple[DummyGPT, object, str]:
-    "(model in eval mode, its encoding, a description of its source); `LoadError` for anything that makes it unusable."
+    "(model prepared for decoding, its encoding, a description of its source); `LoadError` for anything that makes it unusable."
+    if dtype == "auto": dtype = default_inference_dtype(device)
+    if dtype not in INFERENCE_DTYPES: raise LoadError(f"--dtype must be auto or one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
     source = f"Hugging Face model {hf}" if hf is not None else "the model"
     try:
         if hf is not None:
@@ -166,7 +164,10 @@ def load_model(checkpoint=None, # a checkpoint folder (or a run folder: its newe
         else:
             path = _checkpoint_dir(checkpoint, model_dir)
             model, source = load_checkpoint(path, device), f"checkpoint {path}"
-        return model.eval(), check_tokenizer(model.cfg), source
+        enc, n_params = check_tokenizer(model.cfg), model.num_params()
+        model = prepare_for_inference(model, dtype)              # int8 weights are buffers: count parameters before
+        model.inference_dtype, model.n_params = dtype, n_params
+        return model, enc, source
     except LoadError: raise
     except CheckpointError as e: raise LoadError(_one_line(e)) from None
     except (OSError, ValueError, TypeError) as e: raise LoadError(f"{source}: {_one_line(e)}") from None
@@ -175,10 +176,11 @@ def describe(model:DummyGPT, enc, source:str) -> str:
     "The one line shown at start: where the model comes from, its size, tokenizer, device and dtype."
     w = model.tok_emb.weight
     vocab = f" (compact, {enc.n_vocab:,} ids)" if isinstance(enc, CompactEncoding) else ""
-    return (f"{source}: {model.num_params() / 1e6:.2f}M parameters, tokenizer {enc.name}{vocab}, "
-            f"context {model.cfg.context_len}, device {w.device}, dtype {str(w.dtype).removeprefix('torch.')}")
+    dtype = getattr(model, "inference_dtype", str(w.dtype).removeprefix("torch."))
+    return (f"{source}: {getattr(model, 'n_params', model.num_params()) / 1e6:.2f}M parameters, "
+            f"tokenizer {enc.name}{vocab}, context {model.cfg.context_len}, device {w.device}, dtype {dtype}")
 
-# %% ../nbs/07_interactive.ipynb #4bdc823f
+# %% ../nbs/07_interactive.ipynb #908500f7
 PROMPT = ">>> "
 
 class Session:
@@ -218,7 +220,7 @@ class Session:
         "The whole completion of `prompt` (the generated text only)."
         return "".join(self.stream(prompt))
 
-# %% ../nbs/07_interactive.ipynb #43bba254
+# %% ../nbs/07_interactive.ipynb #26723302
 def _put(f:TextIO, text:str):
     f.write(text); f.flush()                                # flushed at once: the user sees each piece as it comes
 
@@ -274,7 +276,7 @@ def repl(self:Session, read:Callable[[str], str]=input, # shows the prompt, retu
         except EOFError: _put(self.out, "\n"); return 0
         if not self.feed(line): return 0
 
-# %% ../nbs/07_interactive.ipynb #76d13471
+# %% ../nbs/07_interactive.ipynb #d241b7fb
 @patch
 def script(self:Session, lines:Iterable[str], # prompts and commands, one per line (e.g. sys.stdin)
           ) -> int:
@@ -290,7 +292,7 @@ def script(self:Session, lines:Iterable[str], # prompts and commands, one per li
         else: self.run_prompt(line[1:] if line.startswith("//") else line, one_line=True, catch=False)
     return 0
 
-# %% ../nbs/07_interactive.ipynb #dc478f58
+# %% ../nbs/07_interactive.ipynb #b7c5bcd5
 class _Parser(argparse.ArgumentParser):
     def error(self, message): raise LoadError(message)      # one line `error: …`, not usage + message
 
@@ -310,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{what} (default: {'off' if getattr(d, name) is None else getattr(d, name)})")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (= --temperature 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=("auto",) + INFERENCE_DTYPES,
+                   help="weights for decoding: float32, bfloat16, int8 (weight-only), or auto = bfloat16 where the hardware "
+                        "computes it natively, else float32 (default: auto)")
     return p
 
 def settings_from_args(args:argparse.Namespace) -> Settings:
@@ -354,7 +359,7 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
     try:
         args = build_parser().parse_args(argv)
         settings = settings_from_args(args)
-        model, enc, source = load_model(args.checkpoint, args.hf, args.model_dir, resolve_device(args.device))
+        model, enc, source = load_model(args.checkpoint, args.hf, args.model_dir, resolve_device(args.device), args.dtype)
     except LoadError as e: print(f"error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt: print(file=sys.stderr); return 130
     print(describe(model, enc, source), file=sys.stderr, flush=True)
@@ -367,5 +372,5 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
     except BrokenPipeError:                                    # e.g. `| head -1`: the reader is gone, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()); return 0
 
-# %% ../nbs/07_interactive.ipynb #16764726
+# %% ../nbs/07_interactive.ipynb #1e50df7b
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.interactive` (not in a notebook)

@@ -16,7 +16,9 @@ from gpt2_demo.model import DummyGPT, get_config, load_checkpoint, save_checkpoi
 from gpt2_demo.tokenizer import CompactEncoding, get_tokenizer, tokenizer_for
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOL = [sys.executable, str(ROOT / "interactive" / "interactive_generate.py")]
+# fp32 decoding, so completions can be compared token for token with `generate` on the saved model (the default
+# dtype is checked on its own in test_default_dtype)
+TOOL = [sys.executable, str(ROOT / "interactive" / "interactive_generate.py"), "--dtype", "float32"]
 ZH = "人民日报报道：北京今天天气晴朗。人民群众欢度新年。你好，世界！"
 STATS = r"\[(\d+) tokens?, [\d.]+ tokens/s\]"
 
@@ -261,3 +263,22 @@ def test_errors(ckpts, env, tmp_path, case, message):
     assert r.returncode == 2
     assert r.stdout == "" and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_default_dtype(ckpts, env):
+    "Without --dtype the tool decodes in bf16 where the CPU has it natively (else fp32): same as `generate` on that copy."
+    from gpt2_demo.generate import default_inference_dtype, prepare_for_inference
+    dtype = default_inference_dtype("cpu")
+    r = subprocess.run(TOOL[:2] + ["--checkpoint", str(ckpts["zh"]), "--prompt", "人民", "--greedy", "--max-new-tokens", "12"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.rstrip().endswith(f"dtype {dtype}"), r.stderr
+    m = prepare_for_inference(load_checkpoint(ckpts["zh"]), dtype)
+    enc = tokenizer_for(m.cfg.tokenizer, m.cfg.vocab_ids)
+    p = enc.encode_ordinary("人民")
+    new = generate(m, torch.tensor([p]), 12, eos_id=enc.eot_token)[0, len(p):].tolist()
+    if enc.eot_token in new: new = new[:new.index(enc.eot_token)]
+    assert r.stdout == enc.decode(new) + "\n"
+    r8 = subprocess.run(TOOL[:2] + ["--checkpoint", str(ckpts["zh"]), "--prompt", "人民", "--dtype", "int8", "--max-new-tokens", "5"],
+                        capture_output=True, text=True, env=env)
+    assert r8.returncode == 0 and "dtype int8" in r8.stderr, r8.stderr
