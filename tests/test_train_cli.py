@@ -162,3 +162,33 @@ def test_help_lists_every_flag():
                  "--warmup-steps", "--eval-every", "--save-every", "--out-dir", "--log-dir", "--resume", "--init-from", "--seed",
                  "--bf16", "--no-bf16", "--compile", "--demo"]:
         assert flag in r.stdout, flag
+
+
+# ---- --init-from: our checkpoint, or a Hugging Face save_pretrained folder -------------------------------------
+
+def test_init_from_checkpoint_and_hf_folder(tmp_path, corpus):
+    assert train(tiny_args(tmp_path, corpus, steps=30, run="base")).returncode == 0
+    base = torch.load(tmp_path / "model" / "base" / "step-000030" / "train_state.pt", weights_only=True)["history"]["train"]
+    # continued training starts where the checkpoint's weights are, not from a fresh initialisation
+    r = train(tiny_args(tmp_path, corpus, "--init-from", str(tmp_path / "model" / "base" / "best"), steps=10, run="cont"))
+    assert r.returncode == 0, r.stderr
+    cont = history(tmp_path / "model" / "cont" / "step-000010")["train"]
+    assert cont[0][2] < base[0][2] - 1.0 and abs(cont[0][2] - base[-1][2]) < 0.5, (cont[0], base[0], base[-1])
+    # a Hugging Face GPT-2 folder (as written by save_pretrained) with the gpt2 tokenizer: same loss as HF computes
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    r = train(tiny_args(tmp_path, corpus, "--init-from", str(tmp_path / "hf"), "--no-compact-vocab", "--no-bf16",
+                        "--drop-rate", "0", "--warmup-steps", "1", steps=3, run="fromhf"))
+    assert r.returncode == 0, r.stderr
+    first = history(tmp_path / "model" / "fromhf" / "step-000003")["train"][0][2]   # step 1's loss: before any update
+    from gpt2_demo.data import WindowSampler, prepare_data
+    cache = prepare_data(str(corpus), "gpt2", root=tmp_path / "datasets", progress=False)
+    x, y = WindowSampler(cache.train, 32, 4, seed=1337).batch(0)
+    with torch.no_grad(): ref = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
+    assert abs(first - ref) < 1e-4, (first, ref)
+    # a compact-vocabulary checkpoint cannot continue on text with ids it lacks
+    (tmp_path / "other.txt").write_text("\n\n".join(f"Completely different words: zebra quartz {i} ünïcödé ∑∫" for i in range(300)))
+    r = train(tiny_args(tmp_path, tmp_path / "other.txt", "--init-from", str(tmp_path / "model" / "base" / "best"), run="bad"))
+    assert r.returncode == 2 and "compact vocabulary lacks" in r.stderr and "Traceback" not in r.stderr, r.stderr
