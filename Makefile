@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: demo test setup check-clean check-export nbtest pytest export clean-nbs readme bench
+.PHONY: demo test setup check-clean check-export check-readme nbtest pytest export clean-nbs readme bench
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m gpt2_demo.train --demo
 
-test: $(STAMP) check-clean check-export nbtest pytest
+test: $(STAMP) check-clean check-export check-readme nbtest pytest
 	@echo "make test: all checks passed."
 
 check-clean: $(STAMP)
@@ -27,8 +27,13 @@ check-clean: $(STAMP)
 check-export: $(STAMP)
 	@PATH="$(abspath $(BIN)):$$PATH" bash .ci/check_sync.sh export
 
+check-readme: $(STAMP)
+	@PATH="$(abspath $(BIN)):$$PATH" bash .ci/check_sync.sh readme
+
+# Two notebooks at a time, one thread each: on a 2-core machine, two processes with two threads each
+# oversubscribe the cores and run many times slower.
 nbtest: $(STAMP)
-	$(BIN)/nbdev-test --n-workers 2 --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --timing
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -41,7 +46,7 @@ clean-nbs: $(STAMP)
 	$(BIN)/nbdev-clean
 
 readme: $(STAMP)
-	$(BIN)/jupyter nbconvert --to markdown --output-dir . --output README nbs/index.ipynb
+	$(BIN)/jupyter nbconvert --log-level=ERROR --to markdown --output-dir . --output README nbs/index.ipynb
 
 bench: $(STAMP)
 	$(BIN)/python -m gpt2_demo.bench train

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Checks, in a scratch copy so the working tree is never touched, that
 #   clean:  every notebook is already what `nbdev-clean` makes of it;
-#   export: gpt2_demo/ is exactly what `nbdev-export` makes of nbs/.
+#   export: gpt2_demo/ is exactly what `nbdev-export` makes of nbs/;
+#   readme: README.md is exactly what `make readme` renders from nbs/index.ipynb.
 set -euo pipefail
-mode=${1:?usage: check_sync.sh clean|export}
+mode=${1:?usage: check_sync.sh clean|export|readme}
 top=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 (cd "$top" && tar --exclude=./.venv --exclude=./.git --exclude=./datasets --exclude=./model \
@@ -28,5 +29,14 @@ case $mode in
       exit 1
     fi
     echo "gpt2_demo/ matches nbs/." ;;
-  *) echo "usage: check_sync.sh clean|export" >&2; exit 2 ;;
+  readme)
+    jupyter nbconvert --log-level=ERROR --to markdown --output-dir "$tmp/out" --output README nbs/index.ipynb
+    if ! diff -q "$top/README.md" "$tmp/out/README.md" >/dev/null; then
+      echo "ERROR: README.md differs from what nbs/index.ipynb renders to:" >&2
+      diff "$top/README.md" "$tmp/out/README.md" | head -20 | sed 's/^/  /' >&2
+      echo "Edit nbs/index.ipynb (not README.md), run 'make readme', and commit both." >&2
+      exit 1
+    fi
+    echo "README.md matches nbs/index.ipynb." ;;
+  *) echo "usage: check_sync.sh clean|export|readme" >&2; exit 2 ;;
 esac
