@@ -21,6 +21,8 @@ case $mode in
     fi
     echo "notebooks are clean." ;;
   export)
+    # start from no generated module at all, so a module whose notebook is gone shows up as a difference
+    find gpt2_demo -name '*.py' ! -name '__init__.py' -delete
     nbdev-export
     if ! diff -rq -x __pycache__ "$top/gpt2_demo" "$tmp/gpt2_demo" >/dev/null; then
       echo "ERROR: gpt2_demo/ differs from what nbdev-export makes of nbs/:" >&2

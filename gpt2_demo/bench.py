@@ -8,18 +8,19 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/bench.html.md"""
 __all__ = ['PEAK_TFLOPS', 'machine_info', 'flops_per_token', 'train_modes', 'make_train_step', 'bench_train', 'measure_memory',
            'quality', 'bench_generate', 'main']
 
-# %% ../nbs/08_bench.ipynb #3aad3c2b
+# %% ../nbs/08_bench.ipynb #9794e305
 import argparse, json, math, os, platform, statistics, subprocess, sys, time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .model import DummyGPT, get_config, resolve_device, bf16_supported, latest_checkpoint, load_checkpoint, read_checkpoint_config
+from .model import (PRESETS, DummyGPT, get_config, resolve_device, bf16_supported, latest_checkpoint, load_checkpoint,
+                             read_checkpoint_config, CheckpointError)
 from .generate import generate, prepare_for_inference, INFERENCE_DTYPES
 from .train import Stepper, cross_entropy, evaluate
 
-# %% ../nbs/08_bench.ipynb #1154d632
+# %% ../nbs/08_bench.ipynb #5cddc24e
 def machine_info(device:torch.device) -> dict:
     "CPU or GPU name, core count, PyTorch version, and measured matmul rates and memory bandwidth."
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
@@ -44,7 +45,7 @@ def _timeit(f, device, n:int) -> float:
         t = time.perf_counter(); f(); _sync(device); ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
-# %% ../nbs/08_bench.ipynb #432b007c
+# %% ../nbs/08_bench.ipynb #51652c30
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}  # dense bf16
 
 def flops_per_token(cfg, seq_len:int) -> float:
@@ -123,7 +124,7 @@ def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=
                 params=DummyGPT(cfg).num_params() if cfg.n_layers <= 12 else None, flops_per_token=fpt, results=res,
                 best_ours=best_ours, best_hf=best_hf, ratio=round(res[best_ours]["tokens_per_s"] / res[best_hf]["tokens_per_s"], 2))
 
-# %% ../nbs/08_bench.ipynb #29fb7250
+# %% ../nbs/08_bench.ipynb #b1c52b65
 def _peak_memory(mode, preset, batch_size, seq_len, drop_rate, device) -> float:
     args = [sys.executable, "-m", "gpt2_demo.bench", "_memory", mode, "--preset", preset, "--batch-size", str(batch_size),
             "--seq-len", str(seq_len), "--device", str(device)] + ([] if drop_rate is None else ["--drop-rate", str(drop_rate)])
@@ -149,15 +150,17 @@ def measure_memory(mode, preset, batch_size, seq_len, drop_rate, device) -> floa
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20 - base
     return _status_mb("VmHWM") - base          # not ru_maxrss: a child process inherits its parent's high-water mark
 
-# %% ../nbs/08_bench.ipynb #76f7c795
+# %% ../nbs/08_bench.ipynb #68f098e4
 def _hf_generate(hf, ids, n):
     return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        use_cache=True, eos_token_id=None, pad_token_id=0)
 
 def quality(checkpoint=None, windows:int=64, device="cpu") -> dict|None:
     "Held-out perplexity of a trained checkpoint (default: the newest under model/) in each inference precision."
-    try: ckpt = Path(checkpoint) if checkpoint else latest_checkpoint("model")
-    except Exception: return None
+    if checkpoint: ckpt = Path(checkpoint)
+    else:
+        try: ckpt = latest_checkpoint("model")
+        except CheckpointError: return None                    # nothing trained here yet
     train_cfg = read_checkpoint_config(ckpt).get("train")
     if not train_cfg: return None
     from gpt2_demo.data import prepare_data
@@ -210,10 +213,15 @@ def bench_generate(preset:str="gpt2", prompt_len:int=20, new_tokens:int=200, bat
     ratios = {k: round(res[k]["tokens_per_s"] / res["hf-fp32"]["tokens_per_s"], 2) for k in ours}
     return dict(kind="generate", preset=preset, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeats=repeats,
                 results=res, best_hf=best_hf, ratio_vs_hf_fp32=ratios,
-                fp32_tokens_identical=bool(res["ours-float32"]["agrees_with_hf_fp32"] == 1.0),
-                quality=quality(checkpoint, device=str(device)) if device.type == "cpu" or checkpoint else None)
+                fp32_tokens_identical=bool(res["ours-float32"]["agrees_with_hf_fp32"] == 1.0), **_quality_or_reason(checkpoint, device))
 
-# %% ../nbs/08_bench.ipynb #c2b249d0
+def _quality_or_reason(checkpoint, device) -> dict:
+    "`quality=…`, or why it was not measured (`quality_skipped=…`)."
+    if device.type != "cpu" and not checkpoint: return dict(quality=None, quality_skipped="measured on the CPU only (int8 decoding is a CPU kernel); pass --checkpoint to force it")
+    q = quality(checkpoint, device=str(device))
+    return dict(quality=q) if q else dict(quality=None, quality_skipped="no trained checkpoint under model/ (run `make demo` first for the perplexity comparison)")
+
+# %% ../nbs/08_bench.ipynb #0b91023a
 def _table(r:dict, info:dict) -> str:
     lines = [f"machine: {info.get('gpu') or info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch {info['torch']}; "
              f"measured matmul {info.get('matmul_tflops_float32')} TFLOP/s fp32, {info.get('matmul_tflops_bfloat16', '-')} bf16; "
@@ -237,7 +245,7 @@ def _table(r:dict, info:dict) -> str:
         q = r.get("quality")
         if q: lines.append(f"quality on {q['checkpoint']} ({q['windows']} held-out windows of {q['context_len']} tokens): " +
                            ", ".join(f"{d} ppl {q[d]['perplexity']:.3f} ({q[d]['perplexity_change_pct']:+.2f}%)" for d in INFERENCE_DTYPES))
-        else: lines.append("quality: no trained checkpoint under model/ (run `make demo` first for the perplexity comparison)")
+        elif r.get("quality_skipped"): lines.append(f"quality: {r['quality_skipped']}")
     return "\n".join(lines)
 
 def main(argv=None) -> int:
@@ -247,7 +255,7 @@ def main(argv=None) -> int:
     for name in ("train", "generate", "_memory"):
         s = sub.add_parser(name, help={"train": "time training steps", "generate": "time greedy decoding", "_memory": argparse.SUPPRESS}.get(name))
         if name == "_memory": s.add_argument("mode")
-        s.add_argument("--preset", default="gpt2", help="model preset (default: gpt2, the 124M model)")
+        s.add_argument("--preset", default="gpt2", choices=list(PRESETS), help="model preset (default: gpt2, the 124M model)")
         s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
         s.add_argument("--json", action="store_true", help="print the full result as JSON")
         if name in ("train", "_memory"):
@@ -263,6 +271,9 @@ def main(argv=None) -> int:
             s.add_argument("--repeats", type=int, default=3, help="timed runs per mode (default: 3)")
             s.add_argument("--checkpoint", help="trained checkpoint for the perplexity comparison (default: newest under model/)")
     a = p.parse_args(argv)
+    for k in ("steps", "batch_size", "seq_len", "prompt_len", "new_tokens", "batch", "repeats"):
+        if getattr(a, k, None) is not None and getattr(a, k) < 1: p.error(f"--{k.replace('_', '-')} must be at least 1")
+    if getattr(a, "warmup", 0) < 0: p.error("--warmup must be at least 0")
     try: device = resolve_device(a.device)
     except ValueError as e: print(f"error: --{e}", file=sys.stderr); return 2
     if a.cmd == "generate" and a.checkpoint:
@@ -281,5 +292,5 @@ def main(argv=None) -> int:
     print(json.dumps(r, indent=2) if a.json else "\n" + _table(r, info))
     return 0
 
-# %% ../nbs/08_bench.ipynb #c8de726c
+# %% ../nbs/08_bench.ipynb #74178ee0
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.bench` (not in a notebook)

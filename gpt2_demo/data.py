@@ -10,7 +10,7 @@ __all__ = ['PEOPLE_DAILY', 'THE_VERDICT', 'THE_VERDICT_URL', 'TEXT_FIELDS', 'FIL
            'in_val_split', 'TokenCache', 'build_token_cache', 'prepare_data', 'unigram_entropy', 'GPTDataset',
            'create_dataloader', 'WindowSampler']
 
-# %% ../nbs/05_data.ipynb #ddfc086f
+# %% ../nbs/05_data.ipynb #38d1106e
 import codecs, hashlib, json, os, re, shutil, socket, tempfile, time, urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from .tokenizer import get_tokenizer, SUPPORTED_TOKENIZERS
 
-# %% ../nbs/05_data.ipynb #874bbd91
+# %% ../nbs/05_data.ipynb #add61960
 class DataError(ValueError):
     "Unusable corpus input; the message names the problem and what to do about it."
 
-# %% ../nbs/05_data.ipynb #e4e90a71
+# %% ../nbs/05_data.ipynb #b121fdbd
 PEOPLE_DAILY = "people-daily"
 THE_VERDICT = "the-verdict"
 THE_VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -49,7 +49,7 @@ def untag(line:str) -> str:
         words.append(tok.rsplit("/", 1)[0])                                   # `电台/n]nt` → `电台`
     return "".join(words)
 
-# %% ../nbs/05_data.ipynb #37f8646c
+# %% ../nbs/05_data.ipynb #8f7086c8
 TEXT_FIELDS = ("text", "completion", "content")
 FILE_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -63,6 +63,7 @@ class Corpus:
     batches:Callable[[int], Iterator[list[str]]]
     n_docs:int|None = None        # number of records, where known up front
     text_field:str|None = None
+    cleanup:Callable[[], None] = lambda: None   # removes temporary files behind the documents (called when done)
 
 def _file_sha256(path:Path, check_utf8:bool) -> str:
     "sha256 of a file; with `check_utf8`, raises `DataError` at the first byte that is not valid UTF-8."
@@ -92,7 +93,7 @@ def _pick_field(columns, text_field:str|None, where:str) -> str:
 
 def _dataset_corpus(ds, source, name, fingerprint, text_field, max_samples, strip_newlines=False) -> Corpus:
     "A Corpus over a Hugging Face `Dataset` or `IterableDataset`."
-    columns = list(ds.column_names or (ds.features or {}).keys())
+    columns = list(ds.column_names or (ds.features or {}).keys() or next(iter(ds.take(1)), {}).keys())
     fld = _pick_field(columns, text_field, source)
     n = None
     if hasattr(ds, "__len__"):
@@ -120,16 +121,26 @@ def _file_corpus(path:Path, source, text_field, txt_docs, max_samples) -> Corpus
         if text_field not in (None, "text"): raise DataError(f"{path}: a .txt file has no field {text_field!r}")
     else: kw = {}
     datasets.disable_progress_bars()
-    try: ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kw)
-    except Exception as e:
-        raise DataError(f"{path}: cannot be read as {path.suffix} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    fp = f"file:{sha}:{txt_docs if kind == 'text' else ''}:{max_samples}"
-    return _dataset_corpus(ds, source, path.stem, fp, text_field, max_samples, strip_newlines=kind == "text")
+    # datasets converts the file to Arrow files in a cache: use a private temporary one, deleted when the documents
+    # have been read (`Corpus.cleanup`), instead of leaving a full copy of every corpus in ~/.cache/huggingface
+    arrow = Path(tempfile.mkdtemp(prefix="gpt2_demo-arrow-"))
+    cleanup = lambda: shutil.rmtree(arrow, ignore_errors=True)
+    try:
+        try: ds = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(arrow), **kw)
+        except Exception as e:
+            raise DataError(f"{path}: cannot be read as {path.suffix} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        fp = f"file:{sha}:{txt_docs if kind == 'text' else ''}:{max_samples}"
+        corpus = _dataset_corpus(ds, source, path.stem, fp, text_field, max_samples, strip_newlines=kind == "text")
+    except BaseException: cleanup(); raise
+    corpus.cleanup = cleanup
+    return corpus
 
 def hub_reachable(timeout:float=5.0) -> bool:
-    "Whether huggingface.co answers (False at once when HF_HUB_OFFLINE is set)."
+    "Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers; False at once when HF_HUB_OFFLINE is set."
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"): return False
-    try: socket.create_connection(("huggingface.co", 443), timeout=timeout).close(); return True
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try: socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close(); return True
     except OSError: return False
 
 def _hub_corpus(repo_id:str, text_field, max_samples) -> Corpus:
@@ -139,7 +150,10 @@ def _hub_corpus(repo_id:str, text_field, max_samples) -> Corpus:
     import datasets
     try: ds = datasets.load_dataset(repo_id, split="train", streaming=max_samples is not None)
     except Exception as e: raise DataError(f"{repo_id}: cannot load from the hub ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    rev = getattr(getattr(ds, "info", None), "version", None) or getattr(ds, "_fingerprint", "")
+    try:                                                      # the dataset's commit: a new revision gets a new cache
+        from huggingface_hub import HfApi
+        rev = HfApi().dataset_info(repo_id).sha
+    except Exception: rev = getattr(ds, "_fingerprint", None) or "unknown-revision"
     return _dataset_corpus(ds, repo_id, repo_id.replace("/", "--"), f"hub:{repo_id}:{rev}:{max_samples}", text_field, max_samples)
 
 def fetch_the_verdict(root:Path=Path("datasets")) -> Path:
@@ -176,7 +190,7 @@ def open_corpus(data:str=PEOPLE_DAILY, # `people-daily`, `the-verdict`, a file p
                         f"or a Hugging Face dataset id such as pleisto/wikipedia-cn-20230720-filtered)")
     return _hub_corpus(data, text_field, max_samples)
 
-# %% ../nbs/05_data.ipynb #28b86d95
+# %% ../nbs/05_data.ipynb #d22cd7e6
 CACHE_FORMAT = "gpt2_demo/tokens/1"
 
 def token_dtype(n_vocab:int) -> np.dtype:
@@ -268,6 +282,7 @@ def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path
     root = Path(root)/"tokens"; root.mkdir(parents=True, exist_ok=True)
     final = root/f"{corpus.name}-{tokenizer}-{key}"
     if _valid_cache(final, key):
+        corpus.cleanup()
         _check_length(json.loads((final/"meta.json").read_text())["tokens"], min_tokens, corpus.source)
         return TokenCache(final)
     _sweep_stale(root)
@@ -294,7 +309,7 @@ def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path
         try: os.replace(tmp, final)
         except OSError:                                         # another run finished the same cache first
             if not _valid_cache(final, key): raise
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+    finally: shutil.rmtree(tmp, ignore_errors=True); corpus.cleanup()
     return TokenCache(final)
 
 def prepare_data(data:str=PEOPLE_DAILY, tokenizer:str="cl100k_base", root:Path=Path("datasets"), text_field:str|None=None,
@@ -305,7 +320,7 @@ def prepare_data(data:str=PEOPLE_DAILY, tokenizer:str="cl100k_base", root:Path=P
     return build_token_cache(open_corpus(data, text_field, txt_docs, max_samples, root), tokenizer, root, val_fraction, progress,
                              min_tokens=min_tokens)
 
-# %% ../nbs/05_data.ipynb #34fa5971
+# %% ../nbs/05_data.ipynb #02ef7d26
 def unigram_entropy(ids) -> float:
     "Entropy (nats/token) of the token frequencies in `ids`: the loss of the best context-free model on them."
     ids = np.asarray(ids)
@@ -313,7 +328,7 @@ def unigram_entropy(ids) -> float:
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
-# %% ../nbs/05_data.ipynb #37619815
+# %% ../nbs/05_data.ipynb #72022e06
 class GPTDataset(Dataset):
     "Sliding windows over token ids: item i is (ids[i·stride : i·stride+max_length], the same shifted by one)."
     def __init__(self, token_ids, # sequence of token ids (list, array or memmap)
@@ -337,7 +352,7 @@ def create_dataloader(token_ids, batch_size:int=4, max_length:int=256, stride:in
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(seed))
 
-# %% ../nbs/05_data.ipynb #ffd1b8bb
+# %% ../nbs/05_data.ipynb #d535c7a2
 class WindowSampler:
     "Deterministic training batches over a token stream: batch `i` is always the same (input, target) pair."
     def __init__(self, tokens, # token ids (memmap)

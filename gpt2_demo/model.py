@@ -9,7 +9,7 @@ __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'GPTConfig', 'get_config', 'DummyGPT'
            'save_checkpoint', 'read_checkpoint_config', 'load_checkpoint', 'find_checkpoints', 'latest_checkpoint',
            'resolve_device', 'bf16_supported']
 
-# %% ../nbs/02_model.ipynb #211e3fe2
+# %% ../nbs/02_model.ipynb #5dc40de7
 import json, math, os, tempfile
 from dataclasses import dataclass, asdict, fields, replace
 from pathlib import Path
@@ -21,7 +21,7 @@ from safetensors.torch import save_model as _st_save_model, load_model as _st_lo
 from .layers import LayerNorm, TransformerBlock, KVCache
 from .tokenizer import N_VOCAB
 
-# %% ../nbs/02_model.ipynb #f46536d1
+# %% ../nbs/02_model.ipynb #0fcb6b0f
 @dataclass
 class GPTConfig:
     "Hyper-parameters of a GPT-2-style model."
@@ -52,7 +52,7 @@ class GPTConfig:
     @property
     def head_dim(self): return self.emb_dim // self.n_heads
 
-# %% ../nbs/02_model.ipynb #9365951e
+# %% ../nbs/02_model.ipynb #c677ee11
 PRESETS = {
     "gpt2":        dict(emb_dim=768,  n_heads=12, n_layers=12),
     "gpt2-medium": dict(emb_dim=1024, n_heads=16, n_layers=24),
@@ -76,7 +76,7 @@ def get_config(preset:str="gpt2", # one of PRESETS
     if unknown: raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     return GPTConfig(**kw)
 
-# %% ../nbs/02_model.ipynb #35bb74e2
+# %% ../nbs/02_model.ipynb #cefdcacd
 class DummyGPT(nn.Module):
     "GPT-2 written from scratch: embeddings, pre-norm transformer blocks, final norm, (tied) LM head."
     def __init__(self, cfg:GPTConfig):
@@ -135,7 +135,7 @@ class DummyGPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if non_embedding else n
 
-# %% ../nbs/02_model.ipynb #0d99e14f
+# %% ../nbs/02_model.ipynb #ac778479
 CHECKPOINT_FORMAT = "gpt2_demo/1"
 
 class CheckpointError(RuntimeError):
@@ -179,7 +179,7 @@ def load_checkpoint(path, device="cpu") -> DummyGPT:
     except Exception as e: raise CheckpointError(f"{f} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return model.to(device).eval()
 
-# %% ../nbs/02_model.ipynb #73e78fcd
+# %% ../nbs/02_model.ipynb #609ebc73
 def find_checkpoints(root="model") -> list[Path]:
     "Complete checkpoint folders under `root` (up to three levels deep), oldest first."
     found = []
@@ -198,7 +198,7 @@ def latest_checkpoint(root="model") -> Path:
     if not found: raise CheckpointError(f"no checkpoint found under {root}/; train one first, e.g. with `make demo`")
     return found[-1]
 
-# %% ../nbs/02_model.ipynb #c6177840
+# %% ../nbs/02_model.ipynb #4a92cac1
 def resolve_device(device:str="auto", # auto (cuda if available), cpu, cuda or cuda:N
                   ) -> torch.device:
     "The torch device for `device`; ValueError (one line) for one this machine does not have."
@@ -222,5 +222,5 @@ def _cpu_flags() -> set[str]:
 def bf16_supported(device:torch.device) -> bool:
     "Whether `device` computes bf16 matrix products natively (fast), not by emulation."
     device = torch.device(device)
-    if device.type == "cuda": return torch.cuda.is_bf16_supported()
+    if device.type == "cuda": return torch.cuda.get_device_capability(device)[0] >= 8   # Ampere or newer; not emulation
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())

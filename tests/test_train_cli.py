@@ -174,6 +174,9 @@ def test_init_from_checkpoint_and_hf_folder(tmp_path, corpus):
     assert r.returncode == 0, r.stderr
     cont = history(tmp_path / "model" / "cont" / "step-000010")["train"]
     assert cont[0][2] < base[0][2] - 1.0 and abs(cont[0][2] - base[-1][2]) < 0.5, (cont[0], base[0], base[-1])
+    r = train(["--resume", "--run-name", "cont", "--max-steps", "12", "--out-dir", str(tmp_path / "model"),   # a run that
+               "--log-dir", str(tmp_path / "log"), "--data-dir", str(tmp_path / "datasets"), "--no-progress"])  # began --init-from
+    assert r.returncode == 0 and "resuming cont at step 10" in r.stdout, r.stderr
     # a Hugging Face GPT-2 folder (as written by save_pretrained) with the gpt2 tokenizer: same loss as HF computes
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -192,3 +195,24 @@ def test_init_from_checkpoint_and_hf_folder(tmp_path, corpus):
     (tmp_path / "other.txt").write_text("\n\n".join(f"Completely different words: zebra quartz {i} ünïcödé ∑∫" for i in range(300)))
     r = train(tiny_args(tmp_path, tmp_path / "other.txt", "--init-from", str(tmp_path / "model" / "base" / "best"), run="bad"))
     assert r.returncode == 2 and "compact vocabulary lacks" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---- --time-limit: stops, evaluates and saves at the stopping step; --resume can then train for longer ------------
+
+def test_time_limit_then_resume_longer(tmp_path, corpus):
+    r = train(tiny_args(tmp_path, corpus, "--time-limit", "0.05", "--warmup-steps", "10", steps=100000, run="timed"))
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "model" / "timed"
+    s = json.loads((run / "summary.json").read_text())
+    assert "time limit" in s["stopped"] and 10 < s["steps"] < 100000
+    (ckpt,) = [c for c in run.glob("step-*") if int(c.name.split("-")[1]) == s["steps"]]   # saved at the stopping step
+    h = history(ckpt)
+    assert h["val"][-1][0] == s["steps"] and abs(h["val"][-1][2] - s["final_val_loss"]) < 1e-12   # and evaluated there
+    assert (run / "best" / "model.safetensors").is_file()
+    # the same run, resumed with a larger budget, continues from that step to the new end
+    r = train(["--resume", "--run-name", "timed", "--max-steps", str(s["steps"] + 5), "--out-dir", str(tmp_path / "model"),
+               "--log-dir", str(tmp_path / "log"), "--data-dir", str(tmp_path / "datasets"), "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    s2 = json.loads((run / "summary.json").read_text())
+    assert s2["steps"] == s["steps"] + 5 and s2["stopped"] is None
+    assert [row[0] for row in history(run / f"step-{s2['steps']:06d}")["train"]] == list(range(1, s2["steps"] + 1))
