@@ -8,7 +8,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/bench.html.md"""
 __all__ = ['PEAK_TFLOPS', 'machine_info', 'flops_per_token', 'train_modes', 'make_train_step', 'bench_train', 'measure_memory',
            'quality', 'bench_generate', 'main']
 
-# %% ../nbs/08_bench.ipynb #9794e305
+# %% ../nbs/08_bench.ipynb #5f9d27ca
 import argparse, json, math, os, platform, statistics, subprocess, sys, time
 from pathlib import Path
 
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from .model import (PRESETS, DummyGPT, get_config, resolve_device, bf16_supported, latest_checkpoint, load_checkpoint,
                              read_checkpoint_config, CheckpointError)
 from .generate import generate, prepare_for_inference, INFERENCE_DTYPES
-from .train import Stepper, cross_entropy, evaluate
+from .train import Stepper, evaluate
 
-# %% ../nbs/08_bench.ipynb #5cddc24e
+# %% ../nbs/08_bench.ipynb #86d18320
 def machine_info(device:torch.device) -> dict:
     "CPU or GPU name, core count, PyTorch version, and measured matmul rates and memory bandwidth."
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()) \
@@ -45,7 +45,7 @@ def _timeit(f, device, n:int) -> float:
         t = time.perf_counter(); f(); _sync(device); ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
-# %% ../nbs/08_bench.ipynb #51652c30
+# %% ../nbs/08_bench.ipynb #d2175fb6
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}  # dense bf16
 
 def flops_per_token(cfg, seq_len:int) -> float:
@@ -124,7 +124,7 @@ def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=
                 params=DummyGPT(cfg).num_params() if cfg.n_layers <= 12 else None, flops_per_token=fpt, results=res,
                 best_ours=best_ours, best_hf=best_hf, ratio=round(res[best_ours]["tokens_per_s"] / res[best_hf]["tokens_per_s"], 2))
 
-# %% ../nbs/08_bench.ipynb #b1c52b65
+# %% ../nbs/08_bench.ipynb #b89573e6
 def _peak_memory(mode, preset, batch_size, seq_len, drop_rate, device) -> float:
     args = [sys.executable, "-m", "gpt2_demo.bench", "_memory", mode, "--preset", preset, "--batch-size", str(batch_size),
             "--seq-len", str(seq_len), "--device", str(device)] + ([] if drop_rate is None else ["--drop-rate", str(drop_rate)])
@@ -150,7 +150,7 @@ def measure_memory(mode, preset, batch_size, seq_len, drop_rate, device) -> floa
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20 - base
     return _status_mb("VmHWM") - base          # not ru_maxrss: a child process inherits its parent's high-water mark
 
-# %% ../nbs/08_bench.ipynb #68f098e4
+# %% ../nbs/08_bench.ipynb #db6c5303
 def _hf_generate(hf, ids, n):
     return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        use_cache=True, eos_token_id=None, pad_token_id=0)
@@ -221,7 +221,7 @@ def _quality_or_reason(checkpoint, device) -> dict:
     q = quality(checkpoint, device=str(device))
     return dict(quality=q) if q else dict(quality=None, quality_skipped="no trained checkpoint under model/ (run `make demo` first for the perplexity comparison)")
 
-# %% ../nbs/08_bench.ipynb #0b91023a
+# %% ../nbs/08_bench.ipynb #8eae11d6
 def _table(r:dict, info:dict) -> str:
     lines = [f"machine: {info.get('gpu') or info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch {info['torch']}; "
              f"measured matmul {info.get('matmul_tflops_float32')} TFLOP/s fp32, {info.get('matmul_tflops_bfloat16', '-')} bf16; "
@@ -292,5 +292,5 @@ def main(argv=None) -> int:
     print(json.dumps(r, indent=2) if a.json else "\n" + _table(r, info))
     return 0
 
-# %% ../nbs/08_bench.ipynb #74178ee0
+# %% ../nbs/08_bench.ipynb #e4aadb80
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.bench` (not in a notebook)
