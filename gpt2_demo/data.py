@@ -10,7 +10,7 @@ __all__ = ['PEOPLE_DAILY', 'THE_VERDICT', 'THE_VERDICT_URL', 'TEXT_FIELDS', 'FIL
            'in_val_split', 'TokenCache', 'build_token_cache', 'prepare_data', 'unigram_entropy', 'GPTDataset',
            'create_dataloader', 'WindowSampler']
 
-# %% ../nbs/05_data.ipynb #68e20b4d
+# %% ../nbs/05_data.ipynb #ee9f2216
 import codecs, hashlib, json, os, re, shutil, socket, tempfile, time, urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from .tokenizer import get_tokenizer, SUPPORTED_TOKENIZERS
 
-# %% ../nbs/05_data.ipynb #0999dc94
+# %% ../nbs/05_data.ipynb #d4c25979
 class DataError(ValueError):
     "Unusable corpus input; the message names the problem and what to do about it."
 
-# %% ../nbs/05_data.ipynb #2720fc59
+# %% ../nbs/05_data.ipynb #740bc840
 PEOPLE_DAILY = "people-daily"
 THE_VERDICT = "the-verdict"
 THE_VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -49,7 +49,7 @@ def untag(line:str) -> str:
         words.append(tok.rsplit("/", 1)[0])                                   # `电台/n]nt` → `电台`
     return "".join(words)
 
-# %% ../nbs/05_data.ipynb #5e374b35
+# %% ../nbs/05_data.ipynb #2e3c37b8
 TEXT_FIELDS = ("text", "completion", "content")
 FILE_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -190,7 +190,7 @@ def open_corpus(data:str=PEOPLE_DAILY, # `people-daily`, `the-verdict`, a file p
                         f"or a Hugging Face dataset id such as pleisto/wikipedia-cn-20230720-filtered)")
     return _hub_corpus(data, text_field, max_samples)
 
-# %% ../nbs/05_data.ipynb #40fa95d8
+# %% ../nbs/05_data.ipynb #7a90adb7
 CACHE_FORMAT = "gpt2_demo/tokens/1"
 
 def token_dtype(n_vocab:int) -> np.dtype:
@@ -222,7 +222,11 @@ class TokenCache:
                 f"{m['tokens']['train']:,} train / {m['tokens']['val']:,} val tokens, {m['tokenizer']}, {m['dtype']})")
 
     def vocab_ids(self) -> np.ndarray:
-        "The distinct token ids of both splits (sorted): the vocabulary a compact model needs."
+        "The distinct token ids of both splits (sorted): the vocabulary a compact model needs (computed once)."
+        if getattr(self, "_vocab_ids", None) is None: self._vocab_ids = self._scan_ids()
+        return self._vocab_ids
+
+    def _scan_ids(self) -> np.ndarray:
         n = self.meta["n_vocab"]
         seen = np.zeros(n, dtype=bool)
         for arr in (self.train, self.val):
@@ -320,7 +324,7 @@ def prepare_data(data:str=PEOPLE_DAILY, tokenizer:str="cl100k_base", root:Path=P
     return build_token_cache(open_corpus(data, text_field, txt_docs, max_samples, root), tokenizer, root, val_fraction, progress,
                              min_tokens=min_tokens)
 
-# %% ../nbs/05_data.ipynb #d6a0d33b
+# %% ../nbs/05_data.ipynb #792d93e7
 def unigram_entropy(ids) -> float:
     "Entropy (nats/token) of the token frequencies in `ids`: the loss of the best context-free model on them."
     ids = np.asarray(ids)
@@ -328,7 +332,7 @@ def unigram_entropy(ids) -> float:
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
-# %% ../nbs/05_data.ipynb #5a0f69a6
+# %% ../nbs/05_data.ipynb #6ef19bab
 class GPTDataset(Dataset):
     "Sliding windows over token ids: item i is (ids[i·stride : i·stride+max_length], the same shifted by one)."
     def __init__(self, token_ids, # sequence of token ids (list, array or memmap)
@@ -352,7 +356,7 @@ def create_dataloader(token_ids, batch_size:int=4, max_length:int=256, stride:in
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(seed))
 
-# %% ../nbs/05_data.ipynb #c2d8693e
+# %% ../nbs/05_data.ipynb #49228c14
 class WindowSampler:
     "Deterministic training batches over a token stream: batch `i` is always the same (input, target) pair."
     def __init__(self, tokens, # token ids (memmap)

@@ -10,14 +10,13 @@ __all__ = ['RESUME_KEEP', 'RESUME_MAY_CHANGE', 'DEMO', 'ConfigError', 'TrainingD
            'evaluate', 'recover_folders', 'step_checkpoints', 'save_training_checkpoint', 'load_training_state',
            'step_seed', 'plot_losses', 'dist_env', 'find_run', 'train', 'build_parser', 'config_from_args', 'main']
 
-# %% ../nbs/06_train.ipynb #4d98aefe
+# %% ../nbs/06_train.ipynb #fa223799
 import argparse, contextlib, copy, datetime, hashlib, json, math, os, shutil, sys, tempfile, time, typing
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -28,7 +27,7 @@ from .model import (PRESETS, DummyGPT, GPTConfig, get_config, save_checkpoint, r
 from .generate import generate
 from .data import PEOPLE_DAILY, DataError, GPTDataset, WindowSampler, prepare_data, unigram_entropy
 
-# %% ../nbs/06_train.ipynb #d168ce80
+# %% ../nbs/06_train.ipynb #255c3d73
 class ConfigError(ValueError):
     "Invalid training settings (raised before any work starts)."
 
@@ -111,13 +110,13 @@ class TrainConfig:
             bad(f"--bf16: this {dev.type.upper()} has no fast bf16 support (needs AVX512-BF16/AMX or a bf16 GPU); use --no-bf16")
         return self
 
-# %% ../nbs/06_train.ipynb #2cd5cac7
+# %% ../nbs/06_train.ipynb #c68817ef
 def device_for(device:str="auto") -> torch.device:
     "`resolve_device`, raising `ConfigError` (a bad --device) instead of ValueError."
     try: return resolve_device(device)
     except ValueError as e: raise ConfigError(f"--{e}") from None
 
-# %% ../nbs/06_train.ipynb #5b74a935
+# %% ../nbs/06_train.ipynb #9ca7866a
 def lr_factor(step:int, warmup_steps:int, max_steps:int, min_ratio:float) -> float:
     "Multiplier of the peak lr for `step` (0-based): linear warm-up, then cosine decay to `min_ratio`."
     if step < warmup_steps: return (step + 1) / warmup_steps
@@ -136,7 +135,7 @@ def configure_optimizer(model:torch.nn.Module, weight_decay:float=0.1, lr:float=
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
-# %% ../nbs/06_train.ipynb #0d5d2d47
+# %% ../nbs/06_train.ipynb #00bacb53
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, rows):
@@ -167,7 +166,7 @@ def lm_loss(model, x:torch.Tensor, y:torch.Tensor) -> torch.Tensor:
     "Mean next-token cross-entropy of `model` on inputs `x` and targets `y`, both (B, T)."
     return cross_entropy(model(x).flatten(0, 1), y.flatten())
 
-# %% ../nbs/06_train.ipynb #d7490b44
+# %% ../nbs/06_train.ipynb #61e4612f
 class Stepper:
     "Forward, backward and AdamW for `model` (the fp32 master): in fp32, or in bf16 with fp32 master weights."
     def __init__(self, model:DummyGPT, bf16:bool=False, weight_decay:float=0.1, grad_clip:float=1.0,
@@ -205,7 +204,7 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         return loss_v, gnorm_v
 
-# %% ../nbs/06_train.ipynb #4561dcdd
+# %% ../nbs/06_train.ipynb #a3553e05
 def autocast_ctx(device:torch.device, bf16:bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -226,7 +225,7 @@ def evaluate(model, tokens, context_len:int, batch_size:int, max_batches:int, de
     finally: model.train(was_training)
     return total / n
 
-# %% ../nbs/06_train.ipynb #9c12a44e
+# %% ../nbs/06_train.ipynb #84249771
 def _write_folder(final:Path, fill) -> Path:
     "Builds a folder with `fill(tmp_folder)`, then renames it to `final`; an older `final` is set aside until then."
     final = Path(final); final.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +270,7 @@ def step_seed(seed:int, step:int, rank:int) -> int:
     "The seed of the random numbers (dropout) of `step` on `rank`: the step and rank are the whole RNG state."
     return int.from_bytes(hashlib.blake2b(f"{seed}/{step}/{rank}".encode(), digest_size=8).digest(), "little") >> 1
 
-# %% ../nbs/06_train.ipynb #1122e576
+# %% ../nbs/06_train.ipynb #265bade1
 def plot_losses(history:dict, path:Path, baseline:float|None=None, title:str="") -> Path:
     "Saves train/val loss vs tokens seen (and the unigram baseline) as a PNG at `path`, atomically."
     import matplotlib; matplotlib.use("Agg")
@@ -292,12 +291,12 @@ def plot_losses(history:dict, path:Path, baseline:float|None=None, title:str="")
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/06_train.ipynb #67ca72d2
+# %% ../nbs/06_train.ipynb #f600e78a
 def dist_env() -> tuple[int, int, int]:
     "(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 for a plain process)."
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
-# %% ../nbs/06_train.ipynb #f76ab8ba
+# %% ../nbs/06_train.ipynb #74959a33
 def _new_run_name(cfg) -> str: return f"{cfg.preset}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 def find_run(out_dir:Path, run:str|None) -> Path:
@@ -509,7 +508,7 @@ def _train(cfg, rank, world, master, log):
         atomic_write(run_dir/"summary.json", lambda t: Path(t).write_text(json.dumps(summary, indent=2, ensure_ascii=False)))
     return summary
 
-# %% ../nbs/06_train.ipynb #3f068c85
+# %% ../nbs/06_train.ipynb #33a1d8ea
 DEMO = dict(preset="small", data=PEOPLE_DAILY, tokenizer="cl100k_base", compact_vocab=True, context_len=128, batch_size=16,
             max_steps=1500, lr=2e-3, warmup_steps=100, eval_every=250, eval_batches=20, save_every=500, time_limit=9.0)
 
@@ -573,5 +572,5 @@ def main(argv=None) -> int:
     if dist_env()[0] == 0: _report(summary, cfg)
     return 0
 
-# %% ../nbs/06_train.ipynb #5cd08a2a
+# %% ../nbs/06_train.ipynb #d6ba1916
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.train` (not in a notebook)
