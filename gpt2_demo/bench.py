@@ -8,7 +8,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/bench.html.md"""
 __all__ = ['PEAK_TFLOPS', 'machine_info', 'flops_per_token', 'train_modes', 'make_train_step', 'measure_memory', 'peak_memory',
            'bench_train', 'quality', 'bench_generate', 'TrainBench', 'GenerateBench', 'parser', 'main']
 
-# %% ../nbs/12_bench.ipynb #b11a26e0
+# %% ../nbs/12_bench.ipynb #1b10dac9
 import json, math, multiprocessing, os, platform, statistics, sys, time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from .generate import generate, prepare_for_inference, INFERENCE_DTYPES
 from .optim import Stepper
 from .train import TrainConfig, evaluate
 
-# %% ../nbs/12_bench.ipynb #788b8ec5
+# %% ../nbs/12_bench.ipynb #52decaa2
 def _sync(device):
     if device.type == "cuda": torch.cuda.synchronize(device)
 
@@ -52,7 +52,7 @@ def machine_info(device:torch.device) -> dict:
     info["read_gb_s"] = round(x.numel() * 4 / _timeit(lambda: x.sum(), device, 5) / 1e9, 1)
     return info
 
-# %% ../nbs/12_bench.ipynb #3c3f06e5
+# %% ../nbs/12_bench.ipynb #bd2cd27b
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}  # dense bf16
 
 def flops_per_token(cfg, seq_len:int) -> float:
@@ -75,7 +75,7 @@ def _batch(cfg, batch_size, seq_len, device, seed=0):
     ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
     return ids[:, :-1].to(device), ids[:, 1:].to(device)
 
-# %% ../nbs/12_bench.ipynb #db724647
+# %% ../nbs/12_bench.ipynb #d085cc78
 def make_train_step(mode:str, # one of `train_modes(device)`
                     cfg, device, hf_model=None, seed:int=0):
     "A function `step(x, y)` doing one training step of `mode`, returning the loss."
@@ -100,7 +100,7 @@ def make_train_step(mode:str, # one of `train_modes(device)`
         return loss.item()
     return step
 
-# %% ../nbs/12_bench.ipynb #16a07f93
+# %% ../nbs/12_bench.ipynb #5574046a
 def _status_mb(key:str) -> float:
     "A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: its peak), in MB."
     with open("/proc/self/status") as f:
@@ -136,9 +136,9 @@ def peak_memory(mode:str, cfg, batch_size:int, seq_len:int, device) -> float:
     if isinstance(r, BaseException): raise RuntimeError(f"memory measurement of {mode} failed: {r!r}")
     return r
 
-# %% ../nbs/12_bench.ipynb #d5838473
-def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=5, warmup:int=2, drop_rate:float|None=None,
-                device="auto", modes=None, memory:bool=True, log=print) -> dict:
+# %% ../nbs/12_bench.ipynb #046da9fa
+def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=5, warmup:int=2,
+                drop_rate:float|None=None, device="auto", modes=None, memory:bool=True, log=print) -> dict:
     "Tokens/s (median of `steps` alternated steps), achieved TFLOP/s, MFU on GPUs, and peak memory of each mode."
     from transformers import GPT2LMHeadModel
     from gpt2_demo.hf import config_to_hf
@@ -161,7 +161,8 @@ def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=
         log(f"  round {i + 1}/{warmup + steps}: " + "  ".join(
             f"{m} {batch_size * seq_len / times[m][-1]:,.0f} tok/s" if i >= warmup else f"{m} warm-up" for m in modes))
     fpt = flops_per_token(cfg, seq_len)
-    peak = next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None) if gpu else None
     res = {}
     for m in modes:
         tps = batch_size * seq_len / statistics.median(times[m])
@@ -170,13 +171,14 @@ def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=
     del fns, hf
     if memory:
         for m in modes: res[m]["peak_memory_mb"] = peak_memory(m, cfg, batch_size, seq_len, device)
-    best = {side: max((m for m in modes if m.startswith(side)), key=lambda m: res[m]["tokens_per_s"]) for side in ("ours", "hf")}
-    return dict(kind="train", preset=preset, batch_size=batch_size, seq_len=seq_len, steps=steps, drop_rate=cfg.drop_rate,
-                params=DummyGPT(cfg).num_params() if cfg.n_layers <= 12 else None, flops_per_token=fpt, results=res,
-                best_ours=best["ours"], best_hf=best["hf"],
-                ratio=round(res[best["ours"]]["tokens_per_s"] / res[best["hf"]]["tokens_per_s"], 2))
+    speed = lambda m: res[m]["tokens_per_s"]
+    best = {side: max((m for m in modes if m.startswith(side)), key=speed) for side in ("ours", "hf")}
+    return dict(kind="train", preset=preset, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                drop_rate=cfg.drop_rate, params=DummyGPT(cfg).num_params() if cfg.n_layers <= 12 else None,
+                flops_per_token=fpt, results=res, best_ours=best["ours"], best_hf=best["hf"],
+                ratio=round(speed(best["ours"]) / speed(best["hf"]), 2))
 
-# %% ../nbs/12_bench.ipynb #26ca9f5c
+# %% ../nbs/12_bench.ipynb #d1b3a61e
 def quality(checkpoint=None, windows:int=64, device="cpu") -> dict|None:
     "Held-out perplexity of a trained checkpoint (default: the newest under model/) in each inference precision."
     if checkpoint: ckpt = Path(checkpoint)
@@ -201,7 +203,7 @@ def _hf_generate(hf, ids, n):
     return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        use_cache=True, eos_token_id=None, pad_token_id=0)
 
-# %% ../nbs/12_bench.ipynb #c6ef0358
+# %% ../nbs/12_bench.ipynb #375bb0f1
 def bench_generate(preset:str="gpt2", prompt_len:int=20, new_tokens:int=200, batch:int=8, repeats:int=3, device="auto",
                    checkpoint=None, log=print) -> dict:
     "Greedy decoding tokens/s (batch 1 and `batch`) of our precisions and HF's, alternated; token agreement; quality."
@@ -222,7 +224,8 @@ def bench_generate(preset:str="gpt2", prompt_len:int=20, new_tokens:int=200, bat
     res = {}
     with torch.no_grad():
         for b in (1, batch):
-            ids = torch.randint(0, cfg.vocab_size, (b, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
+            g = torch.Generator().manual_seed(1)
+            ids = torch.randint(0, cfg.vocab_size, (b, prompt_len), generator=g).to(device)
             times, outs = {k: [] for k in order}, {k: run[k](ids) for k in order}    # warm-up, and the tokens compared
             for i in range(repeats):
                 for k in order: times[k].append(_timeit(lambda: run[k](ids), device, 1))
@@ -230,22 +233,22 @@ def bench_generate(preset:str="gpt2", prompt_len:int=20, new_tokens:int=200, bat
                     "  ".join(f"{k} {b * new_tokens / times[k][-1]:.1f} tok/s" for k in order))
             for k in order:
                 r = res.setdefault(k, {})
-                r["tokens_per_s" if b == 1 else f"tokens_per_s_batch{b}"] = round(b * new_tokens / statistics.median(times[k]), 1)
+                key = "tokens_per_s" if b == 1 else f"tokens_per_s_batch{b}"
+                r[key] = round(b * new_tokens / statistics.median(times[k]), 1)
                 if b == 1:
                     same = outs[k][:, prompt_len:] == outs["hf-fp32"][:, prompt_len:]
                     r["agrees_with_hf_fp32"] = round(same.float().mean().item(), 3)
     ratios = {k: round(res[k]["tokens_per_s"] / res["hf-fp32"]["tokens_per_s"], 2) for k in ours}
     if device.type != "cpu" and not checkpoint:
-        q = dict(quality=None, quality_skipped="measured on the CPU only (int8 is a CPU kernel); pass --checkpoint to force it")
-    else:
-        qq = quality(checkpoint, device=str(device))
-        q = dict(quality=qq) if qq else dict(quality=None, quality_skipped="no trained checkpoint under model/ (run `make "
-                                                                            "demo` first for the perplexity comparison)")
-    return dict(kind="generate", preset=preset, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch, repeats=repeats,
-                results=res, best_hf=max(hfs, key=lambda k: res[k]["tokens_per_s"]), ratio_vs_hf_fp32=ratios,
+        q = dict(quality=None, quality_skipped="measured on the CPU only (int8 is a CPU kernel); pass --checkpoint")
+    elif (qq := quality(checkpoint, device=str(device))) is not None: q = dict(quality=qq)
+    else: q = dict(quality=None, quality_skipped="no trained checkpoint under model/ (run `make demo` first)")
+    return dict(kind="generate", preset=preset, prompt_len=prompt_len, new_tokens=new_tokens, batch=batch,
+                repeats=repeats, results=res, best_hf=max(hfs, key=lambda k: res[k]["tokens_per_s"]),
+                ratio_vs_hf_fp32=ratios,
                 fp32_tokens_identical=bool(res["ours-float32"]["agrees_with_hf_fp32"] == 1.0), **q)
 
-# %% ../nbs/12_bench.ipynb #b1f962b1
+# %% ../nbs/12_bench.ipynb #0563e5c4
 @dataclass(frozen=True)
 class TrainBench:
     "What `gpt2-bench train` measures."
@@ -281,7 +284,7 @@ def _check(b):
     if getattr(b, "warmup", 0) < 0: raise UserError(f"--warmup must be at least 0, got {b.warmup}")
     if getattr(b, "checkpoint", None): read_config(b.checkpoint)
 
-# %% ../nbs/12_bench.ipynb #9b9fd9e8
+# %% ../nbs/12_bench.ipynb #41c502d0
 def _table(r:dict, info:dict) -> str:
     lines = [f"machine: {info.get('gpu') or info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch "
              f"{info['torch']}; measured matmul {info.get('matmul_tflops_float32')} TFLOP/s fp32, "
@@ -296,8 +299,8 @@ def _table(r:dict, info:dict) -> str:
                          f"{v.get('peak_memory_mb', float('nan')):>8,.0f}")
         lines.append(f"ours/HF: {r['ratio']}x ({r['best_ours']} vs {r['best_hf']}, the faster of each side)")
         return "\n".join(lines)
-    lines.append(f"generate: preset {r['preset']}, greedy, {r['prompt_len']}-token prompt + {r['new_tokens']} new tokens, "
-                 f"median of {r['repeats']} alternated runs")
+    lines.append(f"generate: preset {r['preset']}, greedy, {r['prompt_len']}-token prompt + {r['new_tokens']} new "
+                 f"tokens, median of {r['repeats']} alternated runs")
     nb = r["batch"]
     lines.append(f"{'mode':<14} {'tok/s b=1':>10} {'x HF fp32':>9} {'tokens = HF fp32':>17} {f'tok/s b={nb}':>11}")
     for k, v in r["results"].items():
@@ -305,9 +308,11 @@ def _table(r:dict, info:dict) -> str:
         lines.append(f"{k:<14} {v['tokens_per_s']:>10.1f} {ratio:>9.2f} {100 * v['agrees_with_hf_fp32']:>16.1f}% "
                      f"{v[f'tokens_per_s_batch{nb}']:>11.1f}")
     q = r.get("quality")
-    if q: lines.append(f"quality on {q['checkpoint']} ({q['windows']} held-out windows of {q['context_len']} tokens): " +
-                       ", ".join(f"{d} ppl {q[d]['perplexity']:.3f} ({q[d]['perplexity_change_pct']:+.2f}%)"
-                                 for d in INFERENCE_DTYPES))
+    if q:
+        ppl = ", ".join(f"{d} ppl {q[d]['perplexity']:.3f} ({q[d]['perplexity_change_pct']:+.2f}%)"
+                        for d in INFERENCE_DTYPES)
+        lines.append(f"quality on {q['checkpoint']} ({q['windows']} held-out windows of {q['context_len']} "
+                     f"tokens): {ppl}")
     elif r.get("quality_skipped"): lines.append(f"quality: {r['quality_skipped']}")
     return "\n".join(lines)
 
@@ -330,15 +335,16 @@ def main(argv=None) -> int:
         device = resolve_device(b.device)
         log = (lambda *x: print(*x, file=sys.stderr)) if b.json else print
         info = machine_info(device)
+        gpu = device.type == "cuda"
         if ns.cmd == "train":
-            r = bench_train(b.preset, b.batch_size or (8 if device.type == "cuda" else 4),
-                            b.seq_len or (1024 if device.type == "cuda" else 256), b.steps, b.warmup, b.drop_rate, device,
-                            memory=b.memory, log=log)
-        else: r = bench_generate(b.preset, b.prompt_len, b.new_tokens, b.batch, b.repeats, device, b.checkpoint, log=log)
+            r = bench_train(b.preset, b.batch_size or (8 if gpu else 4), b.seq_len or (1024 if gpu else 256), b.steps,
+                            b.warmup, b.drop_rate, device, memory=b.memory, log=log)
+        else:
+            r = bench_generate(b.preset, b.prompt_len, b.new_tokens, b.batch, b.repeats, device, b.checkpoint, log=log)
         r["machine"] = info
         print(json.dumps(r, indent=2) if b.json else "\n" + _table(r, info))
         return 0
     return run_cli(run)
 
-# %% ../nbs/12_bench.ipynb #edadde07
-if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.bench` (not in a notebook)
+# %% ../nbs/12_bench.ipynb #ee190f0e
+if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.bench`

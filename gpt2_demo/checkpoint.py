@@ -8,7 +8,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/checkpoint.html.md"""
 __all__ = ['CHECKPOINT_FORMAT', 'MODEL_KINDS', 'write_folder', 'recover', 'save_checkpoint', 'read_config', 'load_checkpoint',
            'read_train_state', 'Run', 'find_run', 'find_checkpoints', 'latest_checkpoint', 'open_model']
 
-# %% ../nbs/06_checkpoint.ipynb #936612fb
+# %% ../nbs/06_checkpoint.ipynb #ca7bdc89
 import importlib, json, os, shutil, tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +19,7 @@ from safetensors.torch import save_model as _st_save_model, load_model as _st_lo
 from .core import UserError, one_line
 from .model import DummyGPT, GPTConfig
 
-# %% ../nbs/06_checkpoint.ipynb #332319be
+# %% ../nbs/06_checkpoint.ipynb #58d97690
 def write_folder(final, # the folder to (re)write
                  fill, # `fill(tmp_folder)` writes the folder's files
                 ) -> Path:
@@ -46,7 +46,7 @@ def recover(folder):
         if target.exists(): shutil.rmtree(d, ignore_errors=True)
         else: os.replace(d, target)
 
-# %% ../nbs/06_checkpoint.ipynb #f2e69041
+# %% ../nbs/06_checkpoint.ipynb #c9cbe510
 CHECKPOINT_FORMAT = "gpt2_demo/1"
 MODEL_KINDS = {"lm": "gpt2_demo.model:DummyGPT", "classifier": "gpt2_demo.classify:GPTClassifier"}
 
@@ -100,7 +100,7 @@ def read_train_state(path) -> dict:
     except Exception as e:
         raise UserError(f"{path}/train_state.pt cannot be loaded ({type(e).__name__}: {one_line(e)[:200]})") from None
 
-# %% ../nbs/06_checkpoint.ipynb #a4fed351
+# %% ../nbs/06_checkpoint.ipynb #7635a318
 class Run:
     "A training run's folder: step checkpoints `step-NNNNNN/`, `best/`, `summary.json` and plots."
     def __init__(self, path): self.path = Path(path)
@@ -110,7 +110,8 @@ class Run:
 
     def steps(self) -> list[Path]:
         "The complete step checkpoints, in step order."
-        found = [p for p in self.path.glob("step-*") if (p/"train_state.pt").is_file() and (p/"model.safetensors").is_file()]
+        found = [p for p in self.path.glob("step-*")
+                 if (p/"train_state.pt").is_file() and (p/"model.safetensors").is_file()]
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def latest(self) -> Path|None:
@@ -135,7 +136,8 @@ class Run:
     def write_json(self, name:str, data:dict) -> Path:
         "Writes `name` (e.g. summary.json) in the run folder, atomically."
         from gpt2_demo.core import atomic_write
-        return atomic_write(self.path/name, lambda t: Path(t).write_text(json.dumps(data, indent=2, ensure_ascii=False)))
+        text = json.dumps(data, indent=2, ensure_ascii=False)
+        return atomic_write(self.path/name, lambda t: Path(t).write_text(text))
 
 def find_run(out_dir, # where runs live
              name:str|None=None, # the run's name; None: the run whose newest step checkpoint is newest
@@ -150,7 +152,7 @@ def find_run(out_dir, # where runs live
     if not runs: raise UserError(f"--resume: no run with a checkpoint under {out_dir}/; start one without --resume")
     return max(runs, key=lambda r: r.latest().stat().st_mtime)
 
-# %% ../nbs/06_checkpoint.ipynb #07604a1a
+# %% ../nbs/06_checkpoint.ipynb #03b3870f
 def find_checkpoints(root="model") -> list[Path]:
     "Complete checkpoint folders under `root` (up to three levels deep), oldest first."
     found, root = [], Path(root)
@@ -170,7 +172,7 @@ def latest_checkpoint(root="model") -> Path:
     if not found: raise UserError(f"no checkpoint found under {root}/; train one first, e.g. with `make demo`")
     return found[-1]
 
-# %% ../nbs/06_checkpoint.ipynb #44b2dbfc
+# %% ../nbs/06_checkpoint.ipynb #904b787d
 def _is_hub_name(source:str) -> bool:
     parts = source.split("/")
     return len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not source.startswith(("~", "/"))
@@ -193,7 +195,7 @@ def open_model(source, # a checkpoint folder, a run folder, a Hugging Face folde
     elif path.exists() or not _is_hub_name(str(source)):
         raise UserError(f"{source}: no such folder (expected a checkpoint folder, a run folder, a Hugging Face "
                         f"folder or a hub name such as gpt2)")
-    from gpt2_demo.hf import from_hf                       # imports transformers: only when a Hugging Face model is asked for
+    from gpt2_demo.hf import from_hf              # imports transformers: only when a Hugging Face model is asked for
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

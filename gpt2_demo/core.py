@@ -8,14 +8,14 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/core.html.md"""
 __all__ = ['PRECISIONS', 'UserError', 'one_line', 'atomic_write', 'resolve_device', 'bf16_native', 'cache_dir',
            'faster_precision', 'field_help', 'ConfigParser', 'run_cli']
 
-# %% ../nbs/00_core.ipynb #1377f2f2
+# %% ../nbs/00_core.ipynb #04cacb42
 import argparse, dataclasses, hashlib, json, os, platform, statistics, sys, tempfile, time, types, typing
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-# %% ../nbs/00_core.ipynb #06e15623
+# %% ../nbs/00_core.ipynb #bbc9d06b
 class UserError(Exception):
     "Bad input (a flag, a file, a model): the message names the problem and what to do; a CLI prints it as one line."
 
@@ -23,7 +23,7 @@ def one_line(e:BaseException) -> str:
     "The message of `e` on one line (or its type name if it has none)."
     return " ".join(str(e).split()) or type(e).__name__
 
-# %% ../nbs/00_core.ipynb #19289e7b
+# %% ../nbs/00_core.ipynb #94100843
 def atomic_write(path, # the file to (re)write
                  write, # `write(tmp_path)` writes the content to a temporary path
                 ) -> Path:
@@ -39,7 +39,7 @@ def atomic_write(path, # the file to (re)write
         if os.path.exists(tmp): os.remove(tmp)
     return path
 
-# %% ../nbs/00_core.ipynb #551900fa
+# %% ../nbs/00_core.ipynb #a9734b3f
 def resolve_device(device:str="auto", # auto (cuda if available), cpu, cuda or cuda:N
                   ) -> torch.device:
     "The torch device for `device`; `UserError` for one this machine does not have."
@@ -54,7 +54,7 @@ def resolve_device(device:str="auto", # auto (cuda if available), cpu, cuda or c
         raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
-# %% ../nbs/00_core.ipynb #f4a47f5f
+# %% ../nbs/00_core.ipynb #ec96936a
 PRECISIONS = ("fp32", "bf16")
 
 def bf16_native(device) -> bool:
@@ -91,7 +91,7 @@ def _time_products(shapes, dtype, device, backward:bool=True, repeats:int=5) -> 
         ts.append(statistics.median(times))
     return sum(ts)
 
-# %% ../nbs/00_core.ipynb #79cc7ba5
+# %% ../nbs/00_core.ipynb #cfd5b9be
 def faster_precision(device, # where the model computes
                      shapes:list, # (m, k, n) of each distinct matrix product: m rows (tokens), k in, n out
                      backward:bool=True, # time the backward products too (training), or the forward only
@@ -116,7 +116,7 @@ def faster_precision(device, # where the model computes
         except OSError: pass                       # a read-only home: measure again next time
     return choice
 
-# %% ../nbs/00_core.ipynb #bdd849fd
+# %% ../nbs/00_core.ipynb #02c4ebee
 def _base_type(t):
     "`(int, True)` for `int | None`; `(t, False)` otherwise."
     args = typing.get_args(t)
@@ -130,7 +130,8 @@ def _converter(t, optional:bool, flag:str):
         try: return t(text)
         except ValueError: raise UserError(f"{flag}: expected {'an integer' if t is int else 'a number'}"
                                            f"{', or off' if optional else ''}, got {text!r}") from None
-    return convert if t in (int, float) else (lambda text: None if optional and text.lower() in ("off", "none") else text)
+    if t in (int, float): return convert
+    return lambda text: None if optional and text.lower() in ("off", "none") else text
 
 def _comments(src:str) -> dict:
     "Field name → its end-of-line comment, for the fields of the first class in `src`."
@@ -138,7 +139,7 @@ def _comments(src:str) -> dict:
     out, first = {}, None
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
         if tok.type == tokenize.NAME and first is None: first = tok        # the first name of a logical line
-        elif tok.type == tokenize.COMMENT and first is not None and tok.start[0] == first.start[0] and first.start[1] > 0:
+        elif tok.type == tokenize.COMMENT and first and tok.start[0] == first.start[0] and first.start[1] > 0:
             out[first.string] = tok.string.lstrip("#").strip()
         elif tok.type in (tokenize.NEWLINE, tokenize.NL): first = None
     return out
@@ -155,7 +156,7 @@ def field_help(cls) -> dict:
     srcs = [c[c.index(f"class {cls.__name__}"):] for c in cells if f"class {cls.__name__}" in c]
     return _comments(srcs[-1]) if srcs else {}
 
-# %% ../nbs/00_core.ipynb #df6c24ad
+# %% ../nbs/00_core.ipynb #c7a803e9
 class ConfigParser(argparse.ArgumentParser):
     "An argparse parser with one flag per field of config dataclasses; its errors are `UserError`s."
     def __init__(self, *args, **kw): super().__init__(*args, argument_default=argparse.SUPPRESS, **kw)
@@ -184,7 +185,7 @@ class ConfigParser(argparse.ArgumentParser):
         names = {f.name for f in dataclasses.fields(cls)}
         return {k: v for k, v in vars(ns).items() if k in names}
 
-# %% ../nbs/00_core.ipynb #6315fde2
+# %% ../nbs/00_core.ipynb #253b59fe
 def run_cli(main, # `main()` does the work and returns the exit status
             interrupted=lambda: "", # returns what to print on Ctrl-C (e.g. how to continue)
            ) -> int:

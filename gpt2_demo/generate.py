@@ -8,14 +8,14 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/generate.html.md"""
 __all__ = ['INFERENCE_DTYPES', 'check_sampling', 'sample_next', 'generate_stream', 'generate', 'Int8Linear',
            'prepare_for_inference', 'default_inference_dtype']
 
-# %% ../nbs/04_generate.ipynb #c607371f
+# %% ../nbs/04_generate.ipynb #b7516fd2
 from typing import Iterator
 import torch
 
 from .core import UserError, faster_precision
 from .model import DummyGPT
 
-# %% ../nbs/04_generate.ipynb #b87e836e
+# %% ../nbs/04_generate.ipynb #de097f5f
 def check_sampling(temperature:float=0.0, top_k:int|None=None, top_p:float|None=None):
     "Raises `UserError` for sampling settings that make no sense."
     if not (isinstance(temperature, (int, float)) and temperature >= 0):
@@ -41,11 +41,12 @@ def sample_next(logits:torch.Tensor, # (B, vocab) scores of the next token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
-# %% ../nbs/04_generate.ipynb #8b7642c0
+# %% ../nbs/04_generate.ipynb #e0b72f1d
 @torch.no_grad()
 def generate_stream(model:DummyGPT, idx:torch.Tensor, # (B, T) prompt ids, equal length per row
                     max_new_tokens:int, temperature:float=0.0, top_k:int|None=None, top_p:float|None=None,
-                    eos_id:int|None=None, use_cache:bool=True, generator:torch.Generator|None=None) -> Iterator[torch.Tensor]:
+                    eos_id:int|None=None, use_cache:bool=True,
+                    generator:torch.Generator|None=None) -> Iterator[torch.Tensor]:
     "Yields the next token ids (B,) one step at a time."
     check_sampling(temperature, top_k, top_p)
     if idx.dim() == 1: idx = idx[None]
@@ -69,13 +70,14 @@ def generate_stream(model:DummyGPT, idx:torch.Tensor, # (B, T) prompt ids, equal
     finally: model.train(was_training)
 
 def generate(model:DummyGPT, idx:torch.Tensor, max_new_tokens:int, temperature:float=0.0, top_k:int|None=None,
-             top_p:float|None=None, eos_id:int|None=None, use_cache:bool=True, generator:torch.Generator|None=None) -> torch.Tensor:
+             top_p:float|None=None, eos_id:int|None=None, use_cache:bool=True,
+             generator:torch.Generator|None=None) -> torch.Tensor:
     "Prompt ids followed by up to `max_new_tokens` generated ids, (B, T + n); `temperature=0` is greedy."
     if idx.dim() == 1: idx = idx[None]
     new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator))
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
-# %% ../nbs/04_generate.ipynb #1e2924e7
+# %% ../nbs/04_generate.ipynb #049098d0
 import copy
 import torch.nn as nn
 import torch.nn.functional as F
@@ -88,7 +90,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)   # symmetric, per output channel
-        self.register_buffer("weight", torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.register_buffer("weight", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -100,7 +103,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.packed_kernel and x2.device.type == "cpu": y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
+        if self.packed_kernel and x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
         else: y = F.linear(x2, self.weight.to(torch.bfloat16)) * self.scale   # same function, elsewhere
         if self.bias is not None: y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -119,7 +123,8 @@ def prepare_for_inference(model:DummyGPT, dtype:str="float32", # one of INFERENC
     if dtype == "float32":
         m.float()
         for mod in m.modules():
-            if isinstance(mod, nn.Linear): mod.weight.data = mod.weight.data.t().contiguous().t()   # (in, out) in memory
+            if isinstance(mod, nn.Linear):
+                mod.weight.data = mod.weight.data.t().contiguous().t()   # the same shape, stored (in, out)
     else:
         m.to(torch.bfloat16)
         if dtype == "int8": _replace_linears(m, Int8Linear)

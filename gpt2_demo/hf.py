@@ -7,7 +7,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/hf.html.md"""
 # %% auto #0
 __all__ = ['TRANSPOSED', 'config_from_hf', 'config_to_hf', 'hf_names', 'hf_to_state_dict', 'state_dict_to_hf', 'from_hf', 'to_hf']
 
-# %% ../nbs/05_hf.ipynb #07f326fc
+# %% ../nbs/05_hf.ipynb #7a351586
 import os, warnings
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from .core import UserError
 from .model import DummyGPT, GPTConfig
 
-# %% ../nbs/05_hf.ipynb #f742d137
+# %% ../nbs/05_hf.ipynb #24913baa
 def config_from_hf(hf_cfg:GPT2Config, # the `config` of a Hugging Face GPT-2 model
                   ) -> GPTConfig:
     "The `GPTConfig` equivalent to `hf_cfg`; `UserError`, naming the setting, for what `DummyGPT` cannot represent."
@@ -31,7 +31,7 @@ def config_from_hf(hf_cfg:GPT2Config, # the `config` of a Hugging Face GPT-2 mod
     eps = get("layer_norm_epsilon", 1e-5)
     if eps != 1e-5: problems.append(f"layer_norm_epsilon={eps} (DummyGPT's LayerNorm uses 1e-5)")
     if get("scale_attn_by_inverse_layer_idx", False):
-        problems.append("scale_attn_by_inverse_layer_idx=True (DummyGPT scales attention scores by 1/sqrt(head_dim) only)")
+        problems.append("scale_attn_by_inverse_layer_idx=True (DummyGPT scales attention by 1/sqrt(head_dim) only)")
     if get("reorder_and_upcast_attn", False):
         problems.append("reorder_and_upcast_attn=True (DummyGPT has no reordered, upcast attention)")
     if not get("scale_attn_weights", True):
@@ -50,14 +50,14 @@ def config_from_hf(hf_cfg:GPT2Config, # the `config` of a Hugging Face GPT-2 mod
 
 def config_to_hf(cfg:GPTConfig, # the config of the model to export
                 ) -> GPT2Config:
-    "The Hugging Face `GPT2Config` equivalent to `cfg` (tanh GELU, LayerNorm eps 1e-5, `drop_rate` for all three dropouts)."
-    eot = 50256 if cfg.tokenizer == "gpt2" and cfg.vocab_ids is None else None   # <|endoftext|> only means that in gpt2 ids
+    "The Hugging Face `GPT2Config` equivalent to `cfg` (tanh GELU, LayerNorm eps 1e-5, one `drop_rate` for all)."
+    eot = 50256 if cfg.tokenizer == "gpt2" and cfg.vocab_ids is None else None   # <|endoftext|> in gpt2 ids only
     return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_len, n_embd=cfg.emb_dim, n_layer=cfg.n_layers,
                       n_head=cfg.n_heads, n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
                       resid_pdrop=cfg.drop_rate, embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate,
                       tie_word_embeddings=cfg.tie_weights, bos_token_id=eot, eos_token_id=eot)
 
-# %% ../nbs/05_hf.ipynb #822944cd
+# %% ../nbs/05_hf.ipynb #3682f95d
 TRANSPOSED = ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]  # Conv1D: (in, out)
 
 _TOP = {"transformer.wte.weight": "tok_emb.weight", "transformer.wpe.weight": "pos_emb.weight",
@@ -81,7 +81,7 @@ def hf_names(n_layers:int, # number of transformer blocks
 def _buffers(n_layers): return {f"transformer.h.{i}.{b}" for i in range(n_layers) for b in _BUFFERS}
 def _is_conv1d(hf_key): return hf_key.startswith("transformer.h.") and hf_key.split(".", 3)[3] in TRANSPOSED
 
-# %% ../nbs/05_hf.ipynb #1caf7c4f
+# %% ../nbs/05_hf.ipynb #4d8423cf
 def _fmt(keys, n:int=8) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
@@ -91,10 +91,12 @@ def _rename(sd:dict, names:dict, target:dict, skip:set, what:str) -> dict:
     unexpected, missing = [k for k in sd if k not in names and k not in skip], [k for k in names if k not in sd]
     if unexpected or missing:
         raise ValueError(f"{what} state dict does not match the model: " + "; ".join(
-            [f"missing key(s): {_fmt(missing)}"] * bool(missing) + [f"unexpected key(s): {_fmt(unexpected)}"] * bool(unexpected)))
+            [f"missing key(s): {_fmt(missing)}"] * bool(missing) +
+            [f"unexpected key(s): {_fmt(unexpected)}"] * bool(unexpected)))
     out = {names[k]: v.t() if _is_conv1d(k) or _is_conv1d(names[k]) else v for k, v in sd.items() if k in names}
     extra, absent = set(out) - set(target), set(target) - set(out)
-    if extra or absent: raise ValueError(f"{what} conversion gives key(s) {_fmt(extra)} but the model needs {_fmt(absent)}")
+    if extra or absent:
+        raise ValueError(f"{what} conversion gives key(s) {_fmt(extra)} but the model needs {_fmt(absent)}")
     src = {v: k for k, v in names.items()}
     bad = [f"{src[k]} {tuple(sd[src[k]].shape)} -> {k} needs {tuple(target[k].shape)}"
            for k, v in out.items() if v.shape != target[k].shape]
@@ -104,14 +106,16 @@ def _rename(sd:dict, names:dict, target:dict, skip:set, what:str) -> dict:
 def hf_to_state_dict(hf_sd:dict, # state dict of a `GPT2LMHeadModel`
                      model:DummyGPT, # the model it is for: gives the expected names and shapes
                     ) -> dict:
-    "A complete state dict for `model` made from `hf_sd`; raises ValueError naming any missing, unexpected or mis-shaped key."
+    "A complete state dict for `model` made from `hf_sd`; ValueError naming any missing, unexpected or mis-shaped key."
     cfg, sd, names = model.cfg, dict(hf_sd), hf_names(model.cfg.n_layers)
     if cfg.tie_weights:                       # the head *is* the embedding: take it from wte, check any copy agrees
         del names["lm_head.weight"]
         head, wte = sd.pop("lm_head.weight", None), sd.get("transformer.wte.weight")
         if head is not None and wte is not None and head is not wte and not torch.equal(head, wte):
-            raise ValueError("tied model, but lm_head.weight differs from transformer.wte.weight (load it with tie_weights=False)")
-    out = _rename(sd, names, {k: v for k, v in model.state_dict().items() if k != "out_head.weight" or not cfg.tie_weights},
+            raise ValueError("tied model, but lm_head.weight differs from transformer.wte.weight "
+                             "(load it with tie_weights=False)")
+    target = {k: v for k, v in model.state_dict().items() if k != "out_head.weight" or not cfg.tie_weights}
+    out = _rename(sd, names, target,
                   _buffers(cfg.n_layers), "Hugging Face")
     if cfg.tie_weights: out["out_head.weight"] = out["tok_emb.weight"]
     return out
@@ -127,7 +131,7 @@ def state_dict_to_hf(sd:dict, # state dict of a `DummyGPT`
     buffers = {k: target.pop(k) for k in _buffers(n) & set(target)}   # older transformers: keep its own mask buffers
     return _rename(sd, {v: k for k, v in hf_names(n).items()}, target, set(), "DummyGPT") | buffers
 
-# %% ../nbs/05_hf.ipynb #e9217d06
+# %% ../nbs/05_hf.ipynb #fba27100
 def _hub_unreachable(e:BaseException) -> bool:
     "Whether `e` (or an exception it came from) says the hub could not be reached and the cache had nothing."
     seen = set()
@@ -142,15 +146,16 @@ def _from_pretrained(src) -> GPT2LMHeadModel:
     except OSError as e:
         if Path(src).exists() or not _hub_unreachable(e): raise
         raise UserError(f"cannot load {str(src)!r}: it is not a local directory, and the Hugging Face hub is "
-                        f"unreachable (no network, or HF_HUB_OFFLINE is set) with no copy in the local cache. Where the "
-                        f"hub is reachable, run GPT2LMHeadModel.from_pretrained({str(src)!r}).save_pretrained(DIR), "
-                        f"bring DIR here and call from_hf(DIR).") from e
+                        f"unreachable (no network, or HF_HUB_OFFLINE is set) with no copy in the local cache. "
+                        f"Where the hub is reachable, run GPT2LMHeadModel.from_pretrained({str(src)!r})"
+                        f".save_pretrained(DIR), bring DIR here and call from_hf(DIR).") from e
 
 def from_hf(src, # a `GPT2LMHeadModel`, a directory written by its `save_pretrained`, or a hub name such as "gpt2"
            ) -> DummyGPT:
     "A `DummyGPT` in eval mode with the weights of Hugging Face GPT-2 `src`, on its device and dtype."
     hf = _from_pretrained(src) if isinstance(src, (str, os.PathLike)) else src
-    if not isinstance(hf, GPT2LMHeadModel): raise TypeError(f"expected a GPT2LMHeadModel, a directory or a hub name, got {type(src).__name__}")
+    if not isinstance(hf, GPT2LMHeadModel):
+        raise TypeError(f"expected a GPT2LMHeadModel, a directory or a hub name, got {type(src).__name__}")
     model = DummyGPT(config_from_hf(hf.config))
     wte = hf.transformer.wte.weight
     model.to(wte.device, wte.dtype)
@@ -162,13 +167,14 @@ def to_hf(model:DummyGPT, # the model to export
     "A `GPT2LMHeadModel` in eval mode computing the same function as `model`, on its device and dtype."
     cfg, sd = model.cfg, model.state_dict()
     if not cfg.qkv_bias:                     # HF's c_attn always has a bias; zeros compute the same function
-        sd |= {f"trf_blocks.{i}.att.qkv.bias": sd["tok_emb.weight"].new_zeros(3 * cfg.emb_dim) for i in range(cfg.n_layers)}
+        zeros = sd["tok_emb.weight"].new_zeros(3 * cfg.emb_dim)
+        sd |= {f"trf_blocks.{i}.att.qkv.bias": zeros for i in range(cfg.n_layers)}
     wte = model.tok_emb.weight
     hf = GPT2LMHeadModel(config_to_hf(cfg)).to(wte.device, wte.dtype)
     hf.load_state_dict(state_dict_to_hf(sd, hf), strict=True)
     return hf.eval()
 
-# %% ../nbs/05_hf.ipynb #ff535bae
+# %% ../nbs/05_hf.ipynb #8fd4436e
 @patch(cls_method=True)
 def from_hf(cls:DummyGPT, src, # a `GPT2LMHeadModel`, a `save_pretrained` directory, or a hub name such as "gpt2"
            ) -> DummyGPT:

@@ -8,13 +8,13 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/layers.html.md"""
 __all__ = ['LayerNorm', 'GELU', 'FeedForward', 'CausalAttention', 'MultiHeadAttentionWrapper', 'KVCache', 'MultiHeadAttention',
            'TransformerBlock']
 
-# %% ../nbs/02_layers.ipynb #4fa273f0
+# %% ../nbs/02_layers.ipynb #11e796b9
 import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# %% ../nbs/02_layers.ipynb #69019f5e
+# %% ../nbs/02_layers.ipynb #9c57fc15
 class LayerNorm(nn.Module):
     "Layer normalisation over the last dimension with learnable `scale` and `shift` (GPT-2: eps 1e-5, biased variance)."
     def __init__(self, emb_dim:int, eps:float=1e-5):
@@ -30,14 +30,14 @@ class LayerNorm(nn.Module):
 
     def forward(self, x): return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
 
-# %% ../nbs/02_layers.ipynb #c5372288
+# %% ../nbs/02_layers.ipynb #e748b2c5
 class GELU(nn.Module):
     "GPT-2's GELU, tanh approximation (Hugging Face's `gelu_new`)."
     def reference(self, x):
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
     def forward(self, x): return F.gelu(x, approximate="tanh")
 
-# %% ../nbs/02_layers.ipynb #fc753928
+# %% ../nbs/02_layers.ipynb #2a6220a6
 class FeedForward(nn.Module):
     "Linear(d → 4d) → GELU → Linear(4d → d) → Dropout."
     def __init__(self, emb_dim:int, drop_rate:float=0.0):
@@ -48,7 +48,7 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(drop_rate)
     def forward(self, x): return self.drop(self.proj(self.act(self.fc(x))))
 
-# %% ../nbs/02_layers.ipynb #4a2a0e31
+# %% ../nbs/02_layers.ipynb #3f855d52
 class CausalAttention(nn.Module):
     "One causal self-attention head (the teaching version: explicit mask and softmax)."
     def __init__(self, d_in:int, d_out:int, context_len:int, drop_rate:float=0.0, qkv_bias:bool=False):
@@ -57,7 +57,8 @@ class CausalAttention(nn.Module):
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.dropout = nn.Dropout(drop_rate)
-        self.register_buffer("mask", torch.triu(torch.ones(context_len, context_len, dtype=torch.bool), diagonal=1), persistent=False)
+        causal = torch.triu(torch.ones(context_len, context_len, dtype=torch.bool), diagonal=1)   # True: a future key
+        self.register_buffer("mask", causal, persistent=False)
 
     def forward(self, x):                                   # x: (B, T, d_in)
         T = x.shape[1]
@@ -67,17 +68,18 @@ class CausalAttention(nn.Module):
         weights = self.dropout(torch.softmax(scores, dim=-1))
         return weights @ v                                          # (B, T, d_out)
 
-# %% ../nbs/02_layers.ipynb #af9dc048
+# %% ../nbs/02_layers.ipynb #10423c9a
 class MultiHeadAttentionWrapper(nn.Module):
     "Multi-head attention as a stack of independent `CausalAttention` heads, concatenated, then projected."
     def __init__(self, d_in:int, d_out:int, context_len:int, n_heads:int, drop_rate:float=0.0, qkv_bias:bool=False):
         super().__init__()
         if d_out % n_heads: raise ValueError(f"d_out ({d_out}) must be divisible by n_heads ({n_heads})")
-        self.heads = nn.ModuleList(CausalAttention(d_in, d_out // n_heads, context_len, drop_rate, qkv_bias) for _ in range(n_heads))
+        self.heads = nn.ModuleList(CausalAttention(d_in, d_out // n_heads, context_len, drop_rate, qkv_bias)
+                                   for _ in range(n_heads))
         self.out_proj = nn.Linear(d_out, d_out)
     def forward(self, x): return self.out_proj(torch.cat([h(x) for h in self.heads], dim=-1))
 
-# %% ../nbs/02_layers.ipynb #de538ee7
+# %% ../nbs/02_layers.ipynb #1c348d76
 class KVCache:
     "Pre-allocated key/value buffers of one attention layer: (B, n_heads, max_len, head_dim) each."
     def __init__(self, batch:int, n_heads:int, max_len:int, head_dim:int, device=None, dtype=None):
@@ -94,7 +96,7 @@ class KVCache:
         self.pos += T
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
-# %% ../nbs/02_layers.ipynb #7fe79e50
+# %% ../nbs/02_layers.ipynb #79df128f
 class MultiHeadAttention(nn.Module):
     "Causal multi-head self-attention with one fused QKV projection; SDPA fast path, explicit path for teaching."
     def __init__(self, d_in:int, d_out:int, context_len:int, n_heads:int, drop_rate:float=0.0, qkv_bias:bool=False):
@@ -105,18 +107,22 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(drop_rate)
         self.use_sdpa = True
-        self.register_buffer("mask", torch.triu(torch.ones(context_len, context_len, dtype=torch.bool), diagonal=1), persistent=False)
+        causal = torch.triu(torch.ones(context_len, context_len, dtype=torch.bool), diagonal=1)   # True: a future key
+        self.register_buffer("mask", causal, persistent=False)
 
     def forward(self, x, cache:KVCache|None=None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, nh, T, hd)
         start = 0
-        if cache is not None: start = cache.pos; k, v = cache.append(k, v)                    # k, v: (B, nh, start+T, hd)
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.append(k, v)                                                         # (B, nh, start+T, hd)
         if self.use_sdpa:
             p = self.drop_rate if self.training else 0.0
             if start == 0: y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-            elif T == 1:   y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)             # one new token sees everything
-            else:          y = F.scaled_dot_product_attention(q, k, v, attn_mask=~self._mask(start, T, k.shape[2]), dropout_p=p)
+            elif T == 1:   y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)     # one new token sees everything
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=~self._mask(start, T, k.shape[2]), dropout_p=p)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)                       # (B, nh, T, start+T)
             scores = scores.masked_fill(self._mask(start, T, k.shape[2]), float("-inf"))
@@ -125,9 +131,10 @@ class MultiHeadAttention(nn.Module):
 
     def _mask(self, start, T, S):
         "True where query start+i must not see key j (j > start+i)."
-        return self.mask[start:start+T, :S] if S <= self.mask.shape[1] else torch.ones(T, S, dtype=torch.bool, device=self.mask.device).triu(start + 1)
+        if S <= self.mask.shape[1]: return self.mask[start:start+T, :S]
+        return torch.ones(T, S, dtype=torch.bool, device=self.mask.device).triu(start + 1)
 
-# %% ../nbs/02_layers.ipynb #a6f574f8
+# %% ../nbs/02_layers.ipynb #3272bf80
 class TransformerBlock(nn.Module):
     "Pre-norm GPT-2 block: x + Drop(Attn(LN1 x)), then x + FFN(LN2 x) (the FFN ends with its own dropout)."
     def __init__(self, emb_dim:int, context_len:int, n_heads:int, drop_rate:float=0.0, qkv_bias:bool=False):

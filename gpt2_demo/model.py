@@ -7,7 +7,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/model.html.md"""
 # %% auto #0
 __all__ = ['PRESETS', 'GPTConfig', 'get_config', 'DummyGPT']
 
-# %% ../nbs/03_model.ipynb #10f812a2
+# %% ../nbs/03_model.ipynb #fb977834
 import functools, math
 from dataclasses import dataclass, fields
 
@@ -18,7 +18,7 @@ from .core import UserError
 from .layers import LayerNorm, TransformerBlock, KVCache
 from .tokenizer import N_VOCAB, tokenizer_for
 
-# %% ../nbs/03_model.ipynb #745048e9
+# %% ../nbs/03_model.ipynb #63f4ce78
 @dataclass
 class GPTConfig:
     "Hyper-parameters of a GPT-2-style model, and the encoding its ids come from."
@@ -40,15 +40,17 @@ class GPTConfig:
                 raise UserError(f"model config: {f} must be a positive integer, got {getattr(self, f)!r}")
         if self.emb_dim % self.n_heads:
             raise UserError(f"model config: emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
-        if not 0.0 <= self.drop_rate < 1.0: raise UserError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise UserError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate}")
         if self.tokenizer not in N_VOCAB:
             raise UserError(f"the model uses tokenizer {self.tokenizer!r}, which is not supported "
                             f"(supported: {', '.join(N_VOCAB)})")
         n_special, n_tok = len(self.specials or ()), N_VOCAB[self.tokenizer]
         if self.vocab_ids is not None:
             bad = [i for i in self.vocab_ids if not (isinstance(i, int) and 0 <= i < n_tok)]
-            if bad: raise UserError(f"model config: vocab_ids has {len(bad)} id(s) outside tokenizer {self.tokenizer}'s "
-                                    f"range [0, {n_tok:,}), e.g. {bad[0]!r}")
+            if bad:
+                raise UserError(f"model config: vocab_ids has {len(bad)} id(s) outside tokenizer {self.tokenizer}'s "
+                                f"range [0, {n_tok:,}), e.g. {bad[0]!r}")
             if len(self.vocab_ids) + n_special != self.vocab_size:
                 raise UserError(f"model config: vocab_size {self.vocab_size} must equal len(vocab_ids) "
                                 f"{len(self.vocab_ids)} + {n_special} special tokens")
@@ -64,14 +66,15 @@ class GPTConfig:
         "The encoding of this model's ids (tiktoken's, or a `ModelEncoding` for a compact vocabulary or specials)."
         return tokenizer_for(self.tokenizer, self.vocab_ids, tuple(self.specials or ()))
 
-# %% ../nbs/03_model.ipynb #9f4b25be
+# %% ../nbs/03_model.ipynb #3fb36038
 PRESETS = {
     "gpt2":        dict(emb_dim=768,  n_heads=12, n_layers=12),
     "gpt2-medium": dict(emb_dim=1024, n_heads=16, n_layers=24),
     "gpt2-large":  dict(emb_dim=1280, n_heads=20, n_layers=36),
     "gpt2-xl":     dict(emb_dim=1600, n_heads=25, n_layers=48),
     "gpt2-zh":     dict(emb_dim=768,  n_heads=12, n_layers=12, vocab_size=100277, tokenizer="cl100k_base"),
-    "small":       dict(emb_dim=256,  n_heads=4,  n_layers=4, context_len=256, drop_rate=0.0, vocab_size=100277, tokenizer="cl100k_base"),
+    "small":       dict(emb_dim=256,  n_heads=4,  n_layers=4, context_len=256, drop_rate=0.0, vocab_size=100277,
+                        tokenizer="cl100k_base"),
     "tiny":        dict(emb_dim=64,   n_heads=4,  n_layers=2, context_len=64, drop_rate=0.0),
 }
 
@@ -91,7 +94,7 @@ def get_config(preset:str="gpt2", # one of PRESETS
     if unknown: raise UserError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     return GPTConfig(**kw)
 
-# %% ../nbs/03_model.ipynb #0b64e632
+# %% ../nbs/03_model.ipynb #2c228a72
 class DummyGPT(nn.Module):
     "GPT-2 written from scratch: embeddings, pre-norm transformer blocks, final norm, (tied) LM head."
     def __init__(self, cfg:GPTConfig):
@@ -101,7 +104,8 @@ class DummyGPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_len, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(
-            TransformerBlock(cfg.emb_dim, cfg.context_len, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias) for _ in range(cfg.n_layers))
+            TransformerBlock(cfg.emb_dim, cfg.context_len, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias)
+            for _ in range(cfg.n_layers))
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights: self.out_head.weight = self.tok_emb.weight

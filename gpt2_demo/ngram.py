@@ -7,13 +7,13 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/ngram.html.md"""
 # %% auto #0
 __all__ = ['NGramIndex', 'kn_discounts', 'KneserNey', 'ngram_baselines']
 
-# %% ../nbs/08_ngram.ipynb #3344a4dc
+# %% ../nbs/08_ngram.ipynb #6ef54306
 import hashlib, json, os, tempfile, time
 from pathlib import Path
 
 import numpy as np
 
-# %% ../nbs/08_ngram.ipynb #021b342d
+# %% ../nbs/08_ngram.ipynb #7c9e1305
 def _as_ids(ids, vocab_size:int) -> np.ndarray:
     "`ids` as a 1-D int64 array, checked to lie in [0, vocab_size)."
     t = np.asarray(ids)
@@ -26,7 +26,7 @@ def _as_ids(ids, vocab_size:int) -> np.ndarray:
                          f"map them to a compact vocabulary first, or pass a larger vocab_size")
     return t
 
-# %% ../nbs/08_ngram.ipynb #203c61c8
+# %% ../nbs/08_ngram.ipynb #74638a0b
 class NGramIndex:
     "Dense ids of the distinct n-grams (n ≤ `order`) of a token sequence, with raw and continuation counts."
     def __init__(self, ids,          # 1-D token ids in [0, vocab_size)
@@ -76,7 +76,7 @@ class NGramIndex:
         types = [len(k) for k in self.keys[1:]]
         return f"NGramIndex(order={self.order}, vocab_size={self.vocab_size:,}, types per order={types})"
 
-# %% ../nbs/08_ngram.ipynb #e4adc7c2
+# %% ../nbs/08_ngram.ipynb #67f601cb
 _FALLBACK = {True: (0.5, 1.0, 1.5), False: (0.75, 0.75, 0.75)}
 
 def kn_discounts(counts,             # (raw or continuation) counts of the n-grams of one order
@@ -92,7 +92,7 @@ def kn_discounts(counts,             # (raw or continuation) counts of the n-gra
     est = [k - (k + 1) * Y * n[k + 1] / n[k] if all(n[1:k + 2]) else -1.0 for k in (1, 2, 3)]
     return np.array([0.0] + [d if 0 < d <= k else f for k, d, f in zip((1, 2, 3), est, fallback)])
 
-# %% ../nbs/08_ngram.ipynb #925f246c
+# %% ../nbs/08_ngram.ipynb #02d89ff9
 class KneserNey:
     "Interpolated Kneser-Ney n-gram language model (Chen & Goodman 1998), vectorised with numpy."
     def __init__(self, order:int=5,     # highest n-gram order (context of order-1 tokens)
@@ -161,7 +161,7 @@ class KneserNey:
         if len(ids) < 2: raise ValueError(f"need at least 2 tokens to score, got {len(ids)}")
         return float(-self.logprobs(ids).mean())
 
-# %% ../nbs/08_ngram.ipynb #317629f3
+# %% ../nbs/08_ngram.ipynb #80b996d2
 _CACHE_VERSION = 1   # bump when the model or the result format changes
 
 def _method(modified:bool, discount) -> str:
@@ -180,7 +180,7 @@ def _int_keys(d:dict) -> dict:
     "JSON turns the int keys (orders) into strings; turn them back."
     return {int(k) if k.isdigit() else k: _int_keys(v) if isinstance(v, dict) else v for k, v in d.items()}
 
-# %% ../nbs/08_ngram.ipynb #dd4b2881
+# %% ../nbs/08_ngram.ipynb #06dd4313
 def ngram_baselines(train_ids, val_ids,   # 1-D token ids in [0, vocab_size)
                     vocab_size:int,       # number of token ids the model predicts over
                     orders=(1, 2, 3, 4, 5),  # model orders to fit

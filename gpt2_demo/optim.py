@@ -8,7 +8,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/optim.html.md"""
 __all__ = ['IGNORE_INDEX', 'Schedule', 'configure_optimizer', 'cross_entropy', 'lm_loss', 'train_shapes', 'pick_precision',
            'Stepper', 'step_seed']
 
-# %% ../nbs/09_optim.ipynb #ab9ee17e
+# %% ../nbs/09_optim.ipynb #2606c37b
 import contextlib, copy, hashlib, math
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .core import PRECISIONS, UserError, faster_precision
 
-# %% ../nbs/09_optim.ipynb #8a7b0d91
+# %% ../nbs/09_optim.ipynb #69e72c22
 @dataclass(frozen=True)
 class Schedule:
     "Warm-up then cosine decay, over `max_steps` steps or over `time_budget` seconds of training."
@@ -53,7 +53,7 @@ class Schedule:
         q = min(1.0, (p - w) / max(1e-12, 1 - w))
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * q))
 
-# %% ../nbs/09_optim.ipynb #33e7a86d
+# %% ../nbs/09_optim.ipynb #693c3dbe
 def configure_optimizer(model:torch.nn.Module, weight_decay:float=0.1, lr:float=1e-3) -> torch.optim.AdamW:
     "Fused AdamW over the trainable parameters, with weight decay on 2-D weights only."
     params = [p for p in model.parameters() if p.requires_grad]
@@ -61,7 +61,7 @@ def configure_optimizer(model:torch.nn.Module, weight_decay:float=0.1, lr:float=
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
-# %% ../nbs/09_optim.ipynb #681ca1d4
+# %% ../nbs/09_optim.ipynb #847c747c
 IGNORE_INDEX = -100
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -98,7 +98,7 @@ def lm_loss(model, x:torch.Tensor, y:torch.Tensor) -> torch.Tensor:
     "Mean next-token cross-entropy of `model` on inputs `x` and targets `y`, both (B, T)."
     return cross_entropy(model(x).flatten(0, 1), y.flatten())
 
-# %% ../nbs/09_optim.ipynb #3c00d5ce
+# %% ../nbs/09_optim.ipynb #98b0a506
 def train_shapes(cfg, tokens:int) -> list:
     "(m, k, n) of the matrix products of one training step of a `GPTConfig` model on `tokens` tokens."
     d = cfg.emb_dim
@@ -111,7 +111,7 @@ def pick_precision(precision:str, # auto, fp32 or bf16
         raise UserError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     return faster_precision(device, train_shapes(cfg, tokens)) if precision == "auto" else precision
 
-# %% ../nbs/09_optim.ipynb #20ebe6a8
+# %% ../nbs/09_optim.ipynb #1447f330
 class Stepper:
     "Forward, backward and AdamW for `model` (the fp32 master): in fp32, or in bf16 with fp32 master weights."
     def __init__(self, model:torch.nn.Module,
@@ -155,7 +155,7 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         return loss_v, gnorm_v
 
-# %% ../nbs/09_optim.ipynb #207fc53c
+# %% ../nbs/09_optim.ipynb #dd485d5a
 def step_seed(seed:int, step:int, rank:int=0) -> int:
     "The seed of the random numbers (dropout) of `step` on `rank`: the step and rank are the whole RNG state."
     return int.from_bytes(hashlib.blake2b(f"{seed}/{step}/{rank}".encode(), digest_size=8).digest(), "little") >> 1

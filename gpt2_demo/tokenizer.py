@@ -7,7 +7,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/tokenizer.html.md"""
 # %% auto #0
 __all__ = ['SUPPORTED_TOKENIZERS', 'N_VOCAB', 'get_tokenizer', 'StreamDecoder', 'ModelEncoding', 'tokenizer_for']
 
-# %% ../nbs/01_tokenizer.ipynb #74384161
+# %% ../nbs/01_tokenizer.ipynb #761ca272
 import codecs, functools, importlib.util
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from tiktoken_ext import openai_public
 
 from .core import UserError
 
-# %% ../nbs/01_tokenizer.ipynb #7b3897ae
+# %% ../nbs/01_tokenizer.ipynb #941c7de9
 def _package_file(package:str, *parts:str) -> Path:
     "Path of a data file shipped inside an installed package (without importing it)."
     spec = importlib.util.find_spec(package)
@@ -42,10 +42,12 @@ def _gpt2():
                 mergeable_ranks=ranks, special_tokens={openai_public.ENDOFTEXT: 50256})
 
 def _cl100k_base():
-    ranks = load_tiktoken_bpe(str(_package_file("tiktoken_ext", "data", "cl100k_base.tiktoken")), expected_hash=_CL100K_SHA)
+    bpe = _package_file("tiktoken_ext", "data", "cl100k_base.tiktoken")
+    ranks = load_tiktoken_bpe(str(bpe), expected_hash=_CL100K_SHA)
     return dict(name="cl100k_base", pat_str=_CL100K_PAT, mergeable_ranks=ranks, special_tokens=dict(_CL100K_SPECIAL))
 
-_CL100K_PAT = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+_CL100K_PAT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+               r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 _CL100K_SPECIAL = {openai_public.ENDOFTEXT: 100257, openai_public.FIM_PREFIX: 100258, openai_public.FIM_MIDDLE: 100259,
                    openai_public.FIM_SUFFIX: 100260, openai_public.ENDOFPROMPT: 100276}
 
@@ -53,7 +55,7 @@ _ENCODINGS = {"gpt2": _gpt2, "cl100k_base": _cl100k_base}
 SUPPORTED_TOKENIZERS = tuple(_ENCODINGS)
 N_VOCAB = {"gpt2": 50257, "cl100k_base": 100277}  # known without loading the BPE files (pinned by tests below)
 
-# %% ../nbs/01_tokenizer.ipynb #3172f71d
+# %% ../nbs/01_tokenizer.ipynb #bc17c01c
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name:str="gpt2", # "gpt2" (English, GPT-2 weights) or "cl100k_base" (Chinese-capable)
                  ) -> tiktoken.Encoding:
@@ -62,10 +64,11 @@ def get_tokenizer(name:str="gpt2", # "gpt2" (English, GPT-2 weights) or "cl100k_
         raise UserError(f"unknown tokenizer {name!r}; supported: {', '.join(SUPPORTED_TOKENIZERS)}")
     return tiktoken.Encoding(**_ENCODINGS[name]())
 
-# %% ../nbs/01_tokenizer.ipynb #b6b9dbe1
+# %% ../nbs/01_tokenizer.ipynb #77fef7ab
 class StreamDecoder:
     "Turns a stream of token ids into text pieces that never split a UTF-8 character."
-    def __init__(self, enc:tiktoken.Encoding): self.enc, self._utf8 = enc, codecs.getincrementaldecoder("utf-8")("replace")
+    def __init__(self, enc:tiktoken.Encoding):
+        self.enc, self._utf8 = enc, codecs.getincrementaldecoder("utf-8")("replace")
     def push(self, token:int) -> str:
         "Text completed by `token` (may be empty while a character is still incomplete)."
         return self._utf8.decode(self.enc.decode_single_token_bytes(token))
@@ -73,7 +76,7 @@ class StreamDecoder:
         "Whatever is left at the end of the stream (incomplete bytes become `�`)."
         return self._utf8.decode(b"", final=True)
 
-# %% ../nbs/01_tokenizer.ipynb #a9c85e96
+# %% ../nbs/01_tokenizer.ipynb #63de940d
 class ModelEncoding:
     "A tiktoken encoding, optionally restricted to a subset of its ids (renumbered 0..n-1), plus added special tokens."
     def __init__(self, enc:tiktoken.Encoding, # the full encoding
@@ -101,7 +104,7 @@ class ModelEncoding:
     def _model_id(self, i:int) -> int: return int(i) if self.ids is None else int(self._lut[i])
 
     def to_model(self, full_ids:np.ndarray) -> np.ndarray:
-        "Token ids of the full encoding → this model's ids (an array); `UserError` if some id is not in the vocabulary."
+        "Ids of the full encoding → this model's ids (an array); `UserError` if some id is not in the vocabulary."
         if self.ids is None: return np.asarray(full_ids)
         out = self._lut[np.asarray(full_ids, dtype=np.int64)]
         if (out < 0).any():
@@ -135,7 +138,7 @@ class ModelEncoding:
         kind = "all ids" if self.ids is None else f"compact, {self.n_base:,} ids"
         return f"ModelEncoding({self.name}, {kind}{', specials ' + ' '.join(self.specials) if self.specials else ''})"
 
-# %% ../nbs/01_tokenizer.ipynb #ff39df9e
+# %% ../nbs/01_tokenizer.ipynb #eac57e6b
 def tokenizer_for(name:str, # the tiktoken encoding, e.g. "cl100k_base"
                   vocab_ids=None, # a compact vocabulary (the model's `vocab_ids`), or None for all ids
                   specials=(), # special tokens added after the base ids

@@ -7,9 +7,10 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/train.html.md"""
 # %% auto #0
 __all__ = ['RESUME_KEEP', 'RESUME_MAY_CHANGE', 'DEMO', 'TrainConfig', 'Plan', 'plan', 'TrainingDiverged', 'TrainState',
            'check_finite', 'autocast', 'evaluate', 'evaluate_split', 'bits_per', 'baselines', 'best_baseline', 'Logger',
-           'plot_losses', 'fit', 'dist_env', 'sample_text', 'train', 'parser', 'config_from_args', 'report', 'main']
+           'plot_losses', 'fit', 'dist_env', 'sample_text', 'Pretraining', 'train', 'parser', 'config_from_args',
+           'report', 'main']
 
-# %% ../nbs/10_train.ipynb #83f84c1b
+# %% ../nbs/10_train.ipynb #c3a61748
 import contextlib, datetime, json, math, os, sys, time
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fastcore.basics import patch
 from tqdm import tqdm
 
 from .core import ConfigParser, UserError, resolve_device, run_cli, atomic_write
@@ -30,13 +32,13 @@ from .data import PEOPLE_DAILY, GPTDataset, WindowSampler, prepare_data, unigram
 from .ngram import ngram_baselines
 from .optim import Schedule, Stepper, lm_loss, pick_precision, step_seed
 
-# %% ../nbs/10_train.ipynb #c6db4d52
+# %% ../nbs/10_train.ipynb #ce79d901
 @dataclass(frozen=True)
 class TrainConfig:
     "Everything a pretraining run depends on; each field is also a command-line flag."
     # data
-    data:str = PEOPLE_DAILY          # corpus: people-daily, the-verdict, a .txt/.jsonl/.json/.parquet file, or a hub dataset id
-    tokenizer:str|None = None        # tiktoken encoding: cl100k_base (Chinese) or gpt2 (default: the --init-from model's, else cl100k_base)
+    data:str = PEOPLE_DAILY          # corpus: people-daily, the-verdict, a .txt/.jsonl/.json/.parquet file, a hub id
+    tokenizer:str|None = None        # cl100k_base or gpt2 (default: the --init-from model's, else cl100k_base)
     text_field:str|None = None       # record field with the text (default: text, completion or content)
     txt_docs:Literal["blank", "line"] = "blank"  # .txt documents: separated by blank lines, or one per line
     max_samples:int|None = None      # use only the first N documents
@@ -51,7 +53,7 @@ class TrainConfig:
     n_layers:int|None = None         # transformer blocks (default: the preset's)
     n_heads:int|None = None          # attention heads (default: the preset's)
     drop_rate:float|None = None      # dropout (default: the preset's, or the --init-from model's)
-    init_from:str = "scratch"        # scratch, or a model to continue from: a checkpoint or run folder, a Hugging Face folder or hub name (gpt2)
+    init_from:str = "scratch"        # scratch, or a model: checkpoint or run folder, Hugging Face folder or hub name
     # optimisation
     batch_size:int = 16              # windows per micro-batch (per process)
     grad_accum:int = 1               # micro-batches per optimiser step
@@ -63,11 +65,11 @@ class TrainConfig:
     weight_decay:float = 0.1         # AdamW weight decay (2-D weights only)
     grad_clip:float = 1.0            # max gradient norm (0: no clipping)
     seed:int = 1337                  # seeds model init, dropout and data order
-    precision:Literal["auto", "fp32", "bf16"] = "auto"  # compute precision; auto: whichever this machine runs faster (measured)
+    precision:Literal["auto", "fp32", "bf16"] = "auto"  # auto: whichever runs faster on this machine (measured)
     compile:bool = False             # torch.compile the model
     # evaluation, logging, checkpoints
     eval_every:int = 200             # steps between validation runs (and samples)
-    eval_batches:int = 20            # validation batches per evaluation during training (the final one uses the whole split)
+    eval_batches:int = 20            # validation batches per evaluation (the final one scores the whole split)
     ngram_order:int = 5              # compare with Kneser-Ney n-gram baselines of orders 1..N (0: off)
     sample_prompt:str|None = None    # prompt of the sample shown at each evaluation
     sample_tokens:int = 40           # tokens in that sample
@@ -77,7 +79,7 @@ class TrainConfig:
     log_dir:str = "log"              # TensorBoard logs go to LOG_DIR/RUN_NAME
     run_name:str|None = None         # run name: folder under OUT_DIR and LOG_DIR (default: PRESET-DATE-TIME)
     resume:bool = False              # continue run RUN_NAME (default: the newest run) from its last checkpoint
-    time_limit:float|None = None     # stop (and save) after training this many minutes, mid-schedule; --resume continues
+    time_limit:float|None = None     # stop (and save) after training this many minutes; --resume continues
     device:str = "auto"              # auto, cpu, cuda or cuda:N
     progress:bool = True             # show a progress bar
 
@@ -89,7 +91,8 @@ class TrainConfig:
             if not isinstance(v, int) or v < 1: bad(f"{flag(f)} must be a positive integer, got {v!r}")
         for f in ("max_steps", "max_samples", "emb_dim", "n_layers", "n_heads"):
             v = getattr(self, f)
-            if v is not None and (not isinstance(v, int) or v < 1): bad(f"{flag(f)} must be a positive integer, got {v!r}")
+            if v is not None and (not isinstance(v, int) or v < 1):
+                bad(f"{flag(f)} must be a positive integer, got {v!r}")
         for f in ("warmup_steps", "sample_tokens", "ngram_order"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or v < 0): bad(f"{flag(f)} must be an integer >= 0, got {v!r}")
@@ -107,7 +110,8 @@ class TrainConfig:
         if not 0 < self.val_fraction < 1: bad(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if self.context_len is not None and (not isinstance(self.context_len, int) or self.context_len < 2):
             bad(f"--context-len must be an integer >= 2, got {self.context_len!r}")
-        if self.drop_rate is not None and not 0 <= self.drop_rate < 1: bad(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
+        if self.drop_rate is not None and not 0 <= self.drop_rate < 1:
+            bad(f"--drop-rate must be in [0, 1), got {self.drop_rate}")
         for f in ("time_budget", "time_limit"):
             v = getattr(self, f)
             if v is not None and not v > 0: bad(f"{flag(f)} must be a positive number of minutes, got {v}")
@@ -135,7 +139,7 @@ class TrainConfig:
                             self.txt_docs, self.max_samples, self.val_fraction,
                             self.progress if progress is None else progress, min_tokens)
 
-# %% ../nbs/10_train.ipynb #231718ba
+# %% ../nbs/10_train.ipynb #fe0e2ccd
 RESUME_KEEP = ("device", "progress", "out_dir", "log_dir", "data_dir", "compile", "time_limit")
 RESUME_MAY_CHANGE = ("max_steps", "time_budget", "eval_every", "eval_batches", "save_every", "keep_last",
                      "sample_tokens", "ngram_order", "precision")
@@ -171,7 +175,7 @@ def plan(cfg:TrainConfig, # the settings as given
     merged = TrainConfig(**{**saved, **keep, "run_name": run.name, "resume": True, "init_from": "scratch"})
     return Plan(merged, run, resolve_device(merged.device), ckpt)
 
-# %% ../nbs/10_train.ipynb #f8f4b335
+# %% ../nbs/10_train.ipynb #9321fedc
 class TrainingDiverged(RuntimeError):
     "The loss or the gradient became non-finite (not bad input: the run itself failed)."
 
@@ -217,7 +221,7 @@ def check_finite(loss:float, gnorm:float, step:int, run:Run):
     raise TrainingDiverged(f"{what} became {value} at step {step}; stopped without saving. Last good checkpoint: "
                            f"{last or 'none'} (lower --lr and resume with --resume --run-name {run.name})")
 
-# %% ../nbs/10_train.ipynb #da6f27d3
+# %% ../nbs/10_train.ipynb #64315b44
 def autocast(device, precision:str):
     "bf16 autocast for evaluating an fp32 model the way a bf16 run computes (a no-op for fp32)."
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
@@ -238,7 +242,7 @@ def evaluate(model, tokens, context_len:int, batch_size:int, max_batches:int, de
     finally: model.train(was_training)
     return total / len(idx)
 
-# %% ../nbs/10_train.ipynb #26f2ff0e
+# %% ../nbs/10_train.ipynb #72be539b
 def _split_windows(n:int, T:int, stride:int) -> list[tuple[int, int, int]]:
     "(start, end, scored) of the windows that score targets 1..n-1 of an n-token split exactly once."
     out, covered = [], 0
@@ -272,7 +276,7 @@ def bits_per(loss:float, tokens:int, units:int) -> float:
     "A loss in nats per token restated in bits per character (or byte): `units` of them in `tokens` tokens."
     return loss * tokens / units / math.log(2)
 
-# %% ../nbs/10_train.ipynb #3fa8f88e
+# %% ../nbs/10_train.ipynb #613ff969
 def baselines(train_ids, val_ids, vocab_size:int, order:int, cache_dir) -> dict:
     "The unigram entropy of `val_ids` and the Kneser-Ney n-gram losses of orders 1..`order` (nats/token)."
     out = {"unigram": unigram_entropy(val_ids)}
@@ -286,7 +290,7 @@ def best_baseline(b:dict) -> tuple[str, float]:
     "The name and loss of the strongest (lowest) baseline."
     return min(b.items(), key=lambda kv: kv[1])
 
-# %% ../nbs/10_train.ipynb #9e3cba85
+# %% ../nbs/10_train.ipynb #da70f949
 class Logger:
     "A run's output: progress bar, console lines (rank 0) and TensorBoard scalars."
     def __init__(self, log_dir:Path|None, total:float, initial:float, progress:bool, by_time:bool,
@@ -324,7 +328,7 @@ class Logger:
         self.bar.close()
         if self.tb is not None: self.tb.close()
 
-# %% ../nbs/10_train.ipynb #ea06565a
+# %% ../nbs/10_train.ipynb #c04d5c27
 def plot_losses(history:dict, path, # where the PNG goes
                 baselines:dict|None=None, # name -> loss (nats/token), drawn as horizontal lines
                 final:tuple|None=None, # (tokens, loss) of the final whole-split evaluation
@@ -362,7 +366,7 @@ def plot_losses(history:dict, path, # where the PNG goes
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/10_train.ipynb #e6a3fc34
+# %% ../nbs/10_train.ipynb #038a0fcf
 def fit(stepper:Stepper, batches, schedule:Schedule, state:TrainState, evaluate, save, log:Logger, run:Run,
         eval_every:int, save_every:int, tokens_per_step:int, seed:int, rank:int=0,
         stop=lambda state: None, clock=lambda dt: dt) -> TrainState:
@@ -387,7 +391,7 @@ def fit(stepper:Stepper, batches, schedule:Schedule, state:TrainState, evaluate,
             break
     return state
 
-# %% ../nbs/10_train.ipynb #cbeda1e7
+# %% ../nbs/10_train.ipynb #95709390
 def dist_env() -> tuple[int, int, int]:
     "(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 for a plain process)."
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
@@ -410,8 +414,9 @@ def _rank0_first(build, master:bool, world:int):
     if message is not None: raise UserError(message)
     return result if master else build()
 
-# %% ../nbs/10_train.ipynb #44354499
-def _default_prompt(tokenizer:str) -> str: return "中国人民" if tokenizer == "cl100k_base" else "Every effort moves you"
+# %% ../nbs/10_train.ipynb #4de861dc
+def _default_prompt(tokenizer:str) -> str:
+    return "中国人民" if tokenizer == "cl100k_base" else "Every effort moves you"
 
 def sample_text(model, enc, prompt:str, context_len:int, n:int, seed:int, device) -> str:
     "A short sample (temperature 0.8, top-k 40, seeded) continuing `prompt`, as text."
@@ -435,10 +440,150 @@ def _new_model(cfg:TrainConfig, cache) -> DummyGPT:
     enc = get_tokenizer(cfg.tokenizer)
     vocab = ModelEncoding(enc, cache.vocab_ids()).ids.tolist() if cfg.compact_vocab else None
     torch.manual_seed(cfg.seed)
+    shape = dict(emb_dim=cfg.emb_dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, drop_rate=cfg.drop_rate)
     return DummyGPT(get_config(cfg.preset, tokenizer=cfg.tokenizer, vocab_ids=vocab, context_len=cfg.context_len,
-                               drop_rate=cfg.drop_rate, emb_dim=cfg.emb_dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads))
+                               **shape))
 
-# %% ../nbs/10_train.ipynb #3a30c9fc
+# %% ../nbs/10_train.ipynb #983e3181
+class Pretraining:
+    "One pretraining job: its plan, model, data, step, baselines and logger; its methods are `fit`'s hooks."
+    def __init__(self, cfg:TrainConfig, given:set|None=None):
+        self.rank, self.world, _ = dist_env()
+        self.master, self.t_start = self.rank == 0, time.time()
+        self._load_model(cfg, given)
+        self._load_data()
+        c, T = self.cfg, self.T
+        prec = _shared(pick_precision(c.precision, self.device, self.model.cfg, c.batch_size * T) if self.master
+                       else None, self.world)
+        self.cfg = c = replace(c, precision=prec)          # saved as chosen: a resumed run computes the same way
+        self.stepper = Stepper(self.model.to(self.device).train(), lm_loss, prec, c.weight_decay, c.grad_clip,
+                               c.compile, self.world > 1)
+        if self.opt_state is not None: self.stepper.opt.load_state_dict(self.opt_state)
+        self.schedule = c.schedule()
+        self.sampler = WindowSampler(self.train_ids, T, c.batch_size, c.seed, c.sampler)
+        self.prompt, self.sample = c.sample_prompt or _default_prompt(self.model.cfg.tokenizer), ""
+        self._start_log()
+
+# %% ../nbs/10_train.ipynb #a9a00262
+@patch
+def _load_model(self:Pretraining, cfg:TrainConfig, given):
+    "The plan, and the model and state to start from: --init-from, resumed, or none yet (built with the data)."
+    self.device = resolve_device(cfg.device)
+    init = None if cfg.resume or cfg.init_from == "scratch" else _open_init(cfg, self.device)   # a bad one: at once
+    name = None if cfg.resume else _shared(cfg.run_name or _new_run_name(cfg), self.world)
+    tokenizer = cfg.tokenizer or (init.cfg.tokenizer if init else "cl100k_base")
+    self.plan = p = plan(replace(cfg, tokenizer=tokenizer), given, name)
+    self.cfg, self.run = p.cfg, p.run
+    self.state, self.opt_state, self.model = TrainState(micro_per_step=self.world * cfg.grad_accum), None, init
+    if p.resume_from:
+        if self.master: self.run.recover()
+        self.model = load_checkpoint(p.resume_from)
+        self.state, self.opt_state = TrainState.load(p.resume_from)
+        if self.state.micro_per_step != self.world * self.cfg.grad_accum:
+            n, now = self.state.micro_per_step, f"{self.world} × {self.cfg.grad_accum}"
+            raise UserError(f"the run was trained with {n} micro-batches per step (processes × --grad-accum); now "
+                            f"{now}: resume with the same product")
+
+@patch
+def _load_data(self:Pretraining):
+    "The token cache (rank 0 builds it first), a fresh model if there is none yet, and both splits in its ids."
+    c = self.cfg
+    self.T = T = c.context_len or (self.model.cfg.context_len if self.model else get_config(c.preset).context_len)
+    self.cache = _rank0_first(lambda: c.token_cache(T + 1, self.master and c.progress), self.master, self.world)
+    self.model = self.model or _new_model(c, self.cache)
+    if T > self.model.cfg.context_len:
+        raise UserError(f"--context-len {T} exceeds the model's context window {self.model.cfg.context_len}")
+    self.enc = self.model.cfg.encoding
+    self.train_ids, self.val_ids = self.cache.for_model(self.enc)
+    self.baselines = {}
+    if self.master:
+        self.baselines = baselines(self.train_ids, self.val_ids, self.model.cfg.vocab_size, c.ngram_order,
+                                   self.cache.path/"ngram")
+
+@patch
+def _start_log(self:Pretraining):
+    "The logger, and the run's first lines: what trains on what, and the baselines to beat."
+    c, s, m, sched = self.cfg, self.state, self.model, self.schedule
+    val = self.cache.splits["val"]
+    self.log = Logger(Path(c.log_dir)/self.run.name if self.master else None, sched.time_budget or sched.max_steps,
+                      s.seconds if sched.time_budget else s.step, c.progress, bool(sched.time_budget),
+                      val["tokens"] / val["characters"], purge_step=s.step if self.plan.resume_from else None)
+    what = f"resuming {self.run.name} at step {s.step}" if self.plan.resume_from else f"run {self.run.name}"
+    length = f"{c.time_budget:g} min" if c.time_budget else f"{sched.max_steps} steps"
+    self.log.say(f"{what} | {self.cache} | model {m.num_params():,} params, vocab {m.cfg.vocab_size:,}"
+                 f"{' (compact)' if m.cfg.vocab_ids else ''}, context {self.T} | {self.world} process(es) × "
+                 f"{c.grad_accum} × {c.batch_size} windows/step | {self.device} {c.precision} | {length}")
+    if self.baselines:
+        self.log.say("baselines on the validation split: " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in self.baselines.items()) + " nats/token")
+
+# %% ../nbs/10_train.ipynb #71f03cf8
+@patch
+def batches(self:Pretraining, step:int) -> list:
+    "The micro-batches of `step` on this rank: batch numbers (step·W + rank)·A + a."
+    c = self.cfg
+    return [self.sampler.batch((step * self.world + self.rank) * c.grad_accum + a, self.device)
+            for a in range(c.grad_accum)]
+
+@patch
+def evaluate(self:Pretraining, state:TrainState):
+    "Rank 0: validation loss on a sample of windows, a sample text, and `best/` when the loss improved."
+    if not self.master: return
+    c, m = self.cfg, self.model
+    loss = evaluate(m, self.val_ids, self.T, c.batch_size, c.eval_batches, self.device, c.precision)
+    self.sample = sample_text(m, self.enc, self.prompt, self.T, c.sample_tokens, c.seed, self.device)
+    if state.record_val(loss):
+        self.run.save_best(m, train=asdict(c), step=state.step, tokens=state.tokens, val_loss=loss)
+    self.log.val(state, loss, self.sample)
+
+@patch
+def save(self:Pretraining, state:TrainState):
+    "Rank 0: a step checkpoint (weights, settings, optimiser, state)."
+    if self.master: state.save(self.run, self.model, self.stepper.opt, self.cfg, self.cfg.keep_last)
+
+@patch
+def stop(self:Pretraining, state:TrainState) -> str|None:
+    "Why to stop now (the time limit), decided by rank 0's clock for every rank; None to go on."
+    limit = self.cfg.time_limit
+    if limit is None: return None
+    over = torch.tensor(float(time.time() - self.t_loop > limit * 60), device=self.device)
+    if self.world > 1: dist.broadcast(over, 0)
+    return f"time limit of {limit:g} min reached" if over.item() else None
+
+@patch
+def clock(self:Pretraining, dt:float) -> float:
+    "Rank 0's step time on every rank, under a time budget (the learning rate must agree)."
+    if self.world == 1 or not self.schedule.time_budget: return dt
+    t = torch.tensor(dt, dtype=torch.float64, device=self.device)
+    dist.broadcast(t, 0)
+    return t.item()
+
+# %% ../nbs/10_train.ipynb #70bfb06b
+@patch
+def finish(self:Pretraining) -> dict:
+    "Scores the whole validation split, writes summary.json and the loss plots; returns the summary."
+    c, run, st, base = self.cfg, self.run, self.state, self.baselines
+    val = self.cache.splits["val"]
+    final = evaluate_split(self.model, self.val_ids, self.T, c.batch_size, self.device, c.precision)
+    best_name, best_loss = best_baseline(base) if base else (None, None)
+    summary = dict(run=run.name, steps=st.step, tokens=st.tokens, train_seconds=round(st.seconds, 1),
+                   seconds=round(time.time() - self.t_start, 1), precision=c.precision, stopped=st.stopped,
+                   final_train_loss=st.history["train"][-1][2] if st.history["train"] else None,
+                   val_loss=final, val_perplexity=math.exp(final),
+                   val_bits_per_char=bits_per(final, val["tokens"], val["characters"]),
+                   val_bits_per_byte=bits_per(final, val["tokens"], val["bytes"]),
+                   val_tokens=val["tokens"], val_characters=val["characters"],
+                   best_sampled_val_loss=st.best_val if st.history["val"] else None,
+                   baselines=base, best_baseline=best_name, beats_best_baseline=bool(base) and final < best_loss,
+                   sample=self.sample, checkpoint=str(run.latest()), log_dir=str(Path(c.log_dir)/run.name))
+    run.write_json("summary.json", summary)
+    title = f"{run.name}: {self.model.num_params() / 1e6:.1f}M params on {Path(str(c.data)).name}"
+    shown = {k: v for k, v in base.items() if k in ("unigram", "kn3", "kn4", "kn5")}
+    for d in (run.path, Path(c.log_dir)/run.name):
+        plot_losses(st.history, d/"loss.png", shown, (st.tokens, final), val["tokens"] / val["characters"], title)
+    return summary
+
+# %% ../nbs/10_train.ipynb #2460089c
 def train(cfg:TrainConfig, # the run's settings
           given:set|None=None, # the settings given on the command line (see `plan`)
          ) -> dict:
@@ -450,111 +595,19 @@ def train(cfg:TrainConfig, # the run's settings
         if world > 1 and cuda:
             torch.cuda.set_device(local_rank)
             cfg = replace(cfg, device=f"cuda:{local_rank}")
-        return _pretrain(cfg, given, rank, world)
+        job = Pretraining(cfg, given)
+        job.t_loop = time.time()
+        c = job.cfg
+        try:
+            fit(job.stepper, job.batches, job.schedule, job.state, job.evaluate, job.save, job.log, job.run,
+                c.eval_every, c.save_every, c.batch_size * job.T * c.grad_accum * world, c.seed, rank, job.stop,
+                job.clock)
+        finally: job.log.close()
+        return job.finish() if job.master else {}
     finally:
         if world > 1 and dist.is_initialized(): dist.destroy_process_group()
 
-def _pretrain(cfg:TrainConfig, given, rank:int, world:int) -> dict:
-    master, t_start = rank == 0, time.time()
-    device = resolve_device(cfg.device)
-    init = None if cfg.resume or cfg.init_from == "scratch" else _open_init(cfg, device)   # a bad one fails first
-    name = None if cfg.resume else _shared(cfg.run_name or _new_run_name(cfg), world)
-    p = plan(replace(cfg, tokenizer=cfg.tokenizer or (init.cfg.tokenizer if init else "cl100k_base")), given, name)
-    cfg, run = p.cfg, p.run
-    state, opt_state, model = TrainState(micro_per_step=world * cfg.grad_accum), None, init
-    if p.resume_from:
-        if master: run.recover()
-        model = load_checkpoint(p.resume_from)
-        state, opt_state = TrainState.load(p.resume_from)
-        if state.micro_per_step != world * cfg.grad_accum:
-            raise UserError(f"the run was trained with {state.micro_per_step} micro-batches per step (processes × "
-                            f"--grad-accum); now {world} × {cfg.grad_accum}: resume with the same product")
-    T = cfg.context_len or (model.cfg.context_len if model else get_config(cfg.preset).context_len)
-    cache = _rank0_first(lambda: cfg.token_cache(T + 1, master and cfg.progress), master, world)
-    model = model or _new_model(cfg, cache)
-    if T > model.cfg.context_len:
-        raise UserError(f"--context-len {T} exceeds the model's context window {model.cfg.context_len}")
-    enc = model.cfg.encoding
-    train_ids, val_ids = cache.for_model(enc)
-    prec = _shared(pick_precision(cfg.precision, device, model.cfg, cfg.batch_size * T) if master else None, world)
-    cfg = replace(cfg, precision=prec)              # saved as chosen: a resumed run computes the same way
-    stepper = Stepper(model.to(device).train(), lm_loss, prec, cfg.weight_decay, cfg.grad_clip, cfg.compile, world > 1)
-    if opt_state is not None: stepper.opt.load_state_dict(opt_state)
-    base = baselines(train_ids, val_ids, model.cfg.vocab_size, cfg.ngram_order, cache.path/"ngram") if master else {}
-    val_split = cache.splits["val"]
-    cpt = val_split["tokens"] / val_split["characters"]
-    sched = cfg.schedule()
-    log = Logger(Path(cfg.log_dir)/run.name if master else None, sched.time_budget or sched.max_steps,
-                 state.seconds if sched.time_budget else state.step, cfg.progress, bool(sched.time_budget), cpt,
-                 purge_step=state.step if p.resume_from else None)
-    log.say(f"{'resuming' if p.resume_from else 'run'} {run.name}{f' at step {state.step}' if p.resume_from else ''} "
-            f"| {cache} | model {model.num_params():,} params, vocab {model.cfg.vocab_size:,}"
-            f"{' (compact)' if model.cfg.vocab_ids else ''}, context {T} | {world} process(es) × {cfg.grad_accum} × "
-            f"{cfg.batch_size} windows/step | {device} {prec} | "
-            f"{f'{cfg.time_budget:g} min' if cfg.time_budget else f'{sched.max_steps} steps'}")
-    if base: log.say("baselines on the validation split: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()) +
-                     " nats/token")
-    sampler = WindowSampler(train_ids, T, cfg.batch_size, cfg.seed, cfg.sampler)
-    prompt, last_sample = cfg.sample_prompt or _default_prompt(model.cfg.tokenizer), [""]
-
-    def batches(step:int):
-        return [sampler.batch((step * world + rank) * cfg.grad_accum + a, device) for a in range(cfg.grad_accum)]
-
-    def on_eval(state:TrainState):
-        if not master: return
-        loss = evaluate(model, val_ids, T, cfg.batch_size, cfg.eval_batches, device, prec)
-        last_sample[0] = sample_text(model, enc, prompt, T, cfg.sample_tokens, cfg.seed, device)
-        if state.record_val(loss):
-            run.save_best(model, train=asdict(cfg), step=state.step, tokens=state.tokens, val_loss=loss)
-        log.val(state, loss, last_sample[0])
-
-    def on_save(state:TrainState):
-        if master: state.save(run, model, stepper.opt, cfg, cfg.keep_last)
-
-    t_loop = time.time()
-    def stop(state:TrainState):
-        if cfg.time_limit is None: return None
-        over = torch.tensor(float(time.time() - t_loop > cfg.time_limit * 60), device=device)
-        if world > 1: dist.broadcast(over, 0)                 # rank 0's clock decides for every rank
-        return f"time limit of {cfg.time_limit:g} min reached" if over.item() else None
-
-    def clock(dt:float) -> float:
-        if world == 1 or not sched.time_budget: return dt
-        t = torch.tensor(dt, dtype=torch.float64, device=device)
-        dist.broadcast(t, 0)                                  # one clock: the same learning rate on every rank
-        return t.item()
-
-    try:
-        fit(stepper, batches, sched, state, on_eval, on_save, log, run, cfg.eval_every, cfg.save_every,
-            cfg.batch_size * T * cfg.grad_accum * world, cfg.seed, rank, stop, clock)
-    finally: log.close()
-    if not master: return {}
-    return _finish(cfg, run, model, state, val_ids, val_split, base, T, device, prec, last_sample[0], t_start)
-
-# %% ../nbs/10_train.ipynb #0a78b420
-def _finish(cfg, run, model, state, val_ids, val_split, base, T, device, prec, sample, t_start) -> dict:
-    "Scores the whole validation split, writes summary.json and the loss plots; returns the summary."
-    final = evaluate_split(model, val_ids, T, cfg.batch_size, device, prec)
-    best_name, best_loss = best_baseline(base) if base else (None, None)
-    summary = dict(run=run.name, steps=state.step, tokens=state.tokens, train_seconds=round(state.seconds, 1),
-                   seconds=round(time.time() - t_start, 1), precision=prec, stopped=state.stopped,
-                   final_train_loss=state.history["train"][-1][2] if state.history["train"] else None,
-                   val_loss=final, val_perplexity=math.exp(final),
-                   val_bits_per_char=bits_per(final, val_split["tokens"], val_split["characters"]),
-                   val_bits_per_byte=bits_per(final, val_split["tokens"], val_split["bytes"]),
-                   val_tokens=val_split["tokens"], val_characters=val_split["characters"],
-                   best_sampled_val_loss=state.best_val if state.history["val"] else None,
-                   baselines=base, best_baseline=best_name, beats_best_baseline=bool(base) and final < best_loss,
-                   sample=sample, checkpoint=str(run.latest()), log_dir=str(Path(cfg.log_dir)/run.name))
-    run.write_json("summary.json", summary)
-    title = f"{run.name}: {model.num_params() / 1e6:.1f}M params on {Path(str(cfg.data)).name}"
-    shown = {k: v for k, v in base.items() if k in ("unigram", "kn3", "kn4", "kn5")}
-    for d in (run.path, Path(cfg.log_dir)/run.name):
-        plot_losses(state.history, d/"loss.png", shown, (state.tokens, final), val_split["tokens"] /
-                    val_split["characters"], title)
-    return summary
-
-# %% ../nbs/10_train.ipynb #fc336079
+# %% ../nbs/10_train.ipynb #cc0614be
 DEMO = dict(preset="small", context_len=128, batch_size=16, time_budget=8.5, lr=2e-3, eval_every=250, eval_batches=20,
             save_every=500)
 
@@ -577,14 +630,15 @@ def config_from_args(argv=None) -> tuple[TrainConfig, set]:
         if "max_steps" in given: base.pop("time_budget")
     return TrainConfig(**{**base, **given}), set(given)
 
-# %% ../nbs/10_train.ipynb #be3d3e5f
+# %% ../nbs/10_train.ipynb #8561acd7
 def report(s:dict, cfg:TrainConfig) -> str:
     "The end-of-run report: the loss on three scales, against the baselines, and what to do next."
     b = s["baselines"]
     lines = [f"\nval loss {s['val_loss']:.3f} nats/token on the whole validation split ({s['val_tokens']:,} tokens) = "
              f"{s['val_bits_per_char']:.3f} bits/char, {s['val_bits_per_byte']:.3f} bits/byte (perplexity "
              f"{s['val_perplexity']:.1f})",
-             f"trained {s['steps']:,} steps, {s['tokens']:,} tokens in {s['train_seconds'] / 60:.1f} min ({s['precision']}); "
+             f"trained {s['steps']:,} steps, {s['tokens']:,} tokens in {s['train_seconds'] / 60:.1f} min "
+             f"({s['precision']}); "
              f"whole run {s['seconds'] / 60:.1f} min" + (f"; stopped early: {s['stopped']}" if s["stopped"] else "")]
     if b:
         to_bpc = lambda v: bits_per(v, s["val_tokens"], s["val_characters"])
@@ -620,5 +674,5 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-# %% ../nbs/10_train.ipynb #09dffec3
-if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.train` (not in a notebook)
+# %% ../nbs/10_train.ipynb #7df7d2e2
+if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.train`
