@@ -10,7 +10,7 @@ __all__ = ['RESUME_KEEP', 'RESUME_MAY_CHANGE', 'DEMO', 'TrainConfig', 'Plan', 'p
            'plot_losses', 'fit', 'dist_env', 'sample_text', 'Pretraining', 'train', 'parser', 'config_from_args',
            'report', 'main']
 
-# %% ../nbs/10_train.ipynb #c3a61748
+# %% ../nbs/10_train.ipynb #e4990f8b
 import contextlib, datetime, json, math, os, sys, time
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
@@ -30,9 +30,9 @@ from .generate import generate
 from .checkpoint import Run, find_run, load_checkpoint, open_model, read_config, read_train_state
 from .data import PEOPLE_DAILY, GPTDataset, WindowSampler, prepare_data, unigram_entropy
 from .ngram import ngram_baselines
-from .optim import Schedule, Stepper, lm_loss, pick_precision, step_seed
+from .optim import Schedule, Stepper, flops_per_token, lm_loss, peak_flops, pick_precision, step_seed
 
-# %% ../nbs/10_train.ipynb #ce79d901
+# %% ../nbs/10_train.ipynb #c6202030
 @dataclass(frozen=True)
 class TrainConfig:
     "Everything a pretraining run depends on; each field is also a command-line flag."
@@ -66,7 +66,7 @@ class TrainConfig:
     grad_clip:float = 1.0            # max gradient norm (0: no clipping)
     seed:int = 1337                  # seeds model init, dropout and data order
     precision:Literal["auto", "fp32", "bf16"] = "auto"  # auto: whichever runs faster on this machine (measured)
-    compile:bool = False             # torch.compile the model
+    compile:bool|None = None         # torch.compile forward and loss (default: on a GPU, where it pays)
     # evaluation, logging, checkpoints
     eval_every:int = 200             # steps between validation runs (and samples)
     eval_batches:int = 20            # validation batches per evaluation (the final one scores the whole split)
@@ -139,7 +139,7 @@ class TrainConfig:
                             self.txt_docs, self.max_samples, self.val_fraction,
                             self.progress if progress is None else progress, min_tokens)
 
-# %% ../nbs/10_train.ipynb #fe0e2ccd
+# %% ../nbs/10_train.ipynb #167e031f
 RESUME_KEEP = ("device", "progress", "out_dir", "log_dir", "data_dir", "compile", "time_limit")
 RESUME_MAY_CHANGE = ("max_steps", "time_budget", "eval_every", "eval_batches", "save_every", "keep_last",
                      "sample_tokens", "ngram_order", "precision")
@@ -175,7 +175,7 @@ def plan(cfg:TrainConfig, # the settings as given
     merged = TrainConfig(**{**saved, **keep, "run_name": run.name, "resume": True, "init_from": "scratch"})
     return Plan(merged, run, resolve_device(merged.device), ckpt)
 
-# %% ../nbs/10_train.ipynb #9321fedc
+# %% ../nbs/10_train.ipynb #febc48f2
 class TrainingDiverged(RuntimeError):
     "The loss or the gradient became non-finite (not bad input: the run itself failed)."
 
@@ -221,7 +221,7 @@ def check_finite(loss:float, gnorm:float, step:int, run:Run):
     raise TrainingDiverged(f"{what} became {value} at step {step}; stopped without saving. Last good checkpoint: "
                            f"{last or 'none'} (lower --lr and resume with --resume --run-name {run.name})")
 
-# %% ../nbs/10_train.ipynb #64315b44
+# %% ../nbs/10_train.ipynb #371b50dd
 def autocast(device, precision:str):
     "bf16 autocast for evaluating an fp32 model the way a bf16 run computes (a no-op for fp32)."
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
@@ -242,7 +242,7 @@ def evaluate(model, tokens, context_len:int, batch_size:int, max_batches:int, de
     finally: model.train(was_training)
     return total / len(idx)
 
-# %% ../nbs/10_train.ipynb #72be539b
+# %% ../nbs/10_train.ipynb #d81979f4
 def _split_windows(n:int, T:int, stride:int) -> list[tuple[int, int, int]]:
     "(start, end, scored) of the windows that score targets 1..n-1 of an n-token split exactly once."
     out, covered = [], 0
@@ -276,7 +276,7 @@ def bits_per(loss:float, tokens:int, units:int) -> float:
     "A loss in nats per token restated in bits per character (or byte): `units` of them in `tokens` tokens."
     return loss * tokens / units / math.log(2)
 
-# %% ../nbs/10_train.ipynb #613ff969
+# %% ../nbs/10_train.ipynb #c96644c8
 def baselines(train_ids, val_ids, vocab_size:int, order:int, cache_dir) -> dict:
     "The unigram entropy of `val_ids` and the Kneser-Ney n-gram losses of orders 1..`order` (nats/token)."
     out = {"unigram": unigram_entropy(val_ids)}
@@ -290,12 +290,13 @@ def best_baseline(b:dict) -> tuple[str, float]:
     "The name and loss of the strongest (lowest) baseline."
     return min(b.items(), key=lambda kv: kv[1])
 
-# %% ../nbs/10_train.ipynb #da70f949
+# %% ../nbs/10_train.ipynb #be2fbe42
 class Logger:
     "A run's output: progress bar, console lines (rank 0) and TensorBoard scalars."
     def __init__(self, log_dir:Path|None, total:float, initial:float, progress:bool, by_time:bool,
-                 chars_per_token:float|None=None, purge_step:int|None=None):
-        self.by_time, self.cpt = by_time, chars_per_token
+                 chars_per_token:float|None=None, purge_step:int|None=None,
+                 flops_per_token:float|None=None, peak_flops:float|None=None):   # for MFU, on a known GPU
+        self.by_time, self.cpt, self.fpt, self.peak = by_time, chars_per_token, flops_per_token, peak_flops
         self.bar = tqdm(total=total, initial=initial, unit="s" if by_time else "step", dynamic_ncols=True,
                         disable=not progress or log_dir is None, bar_format=None)
         self.tb = None
@@ -312,7 +313,12 @@ class Logger:
         if self.tb is None: return
         for k, v in (("train/loss", loss), ("train/lr", lr), ("train/grad_norm", gnorm), ("train/tokens_per_s", tok_s)):
             self.tb.add_scalar(k, v, state.step)
-        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        shown = dict(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        if self.fpt and self.peak:
+            mfu = tok_s * self.fpt / self.peak
+            self.tb.add_scalar("train/mfu", mfu, state.step)
+            shown["mfu"] = f"{100 * mfu:.1f}%"
+        self.bar.set_postfix(**shown, refresh=False)
         self.bar.update(dt if self.by_time else 1)
 
     def val(self, state:TrainState, loss:float, sample:str):
@@ -328,7 +334,7 @@ class Logger:
         self.bar.close()
         if self.tb is not None: self.tb.close()
 
-# %% ../nbs/10_train.ipynb #c04d5c27
+# %% ../nbs/10_train.ipynb #c50b0536
 def plot_losses(history:dict, path, # where the PNG goes
                 baselines:dict|None=None, # name -> loss (nats/token), drawn as horizontal lines
                 final:tuple|None=None, # (tokens, loss) of the final whole-split evaluation
@@ -366,7 +372,7 @@ def plot_losses(history:dict, path, # where the PNG goes
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/10_train.ipynb #038a0fcf
+# %% ../nbs/10_train.ipynb #c4c3141a
 def fit(stepper:Stepper, batches, schedule:Schedule, state:TrainState, evaluate, save, log:Logger, run:Run,
         eval_every:int, save_every:int, tokens_per_step:int, seed:int, rank:int=0,
         stop=lambda state: None, clock=lambda dt: dt) -> TrainState:
@@ -391,7 +397,7 @@ def fit(stepper:Stepper, batches, schedule:Schedule, state:TrainState, evaluate,
             break
     return state
 
-# %% ../nbs/10_train.ipynb #95709390
+# %% ../nbs/10_train.ipynb #23a2e007
 def dist_env() -> tuple[int, int, int]:
     "(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 for a plain process)."
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
@@ -414,7 +420,7 @@ def _rank0_first(build, master:bool, world:int):
     if message is not None: raise UserError(message)
     return result if master else build()
 
-# %% ../nbs/10_train.ipynb #4de861dc
+# %% ../nbs/10_train.ipynb #abb9bdee
 def _default_prompt(tokenizer:str) -> str:
     return "中国人民" if tokenizer == "cl100k_base" else "Every effort moves you"
 
@@ -444,7 +450,7 @@ def _new_model(cfg:TrainConfig, cache) -> DummyGPT:
     return DummyGPT(get_config(cfg.preset, tokenizer=cfg.tokenizer, vocab_ids=vocab, context_len=cfg.context_len,
                                **shape))
 
-# %% ../nbs/10_train.ipynb #983e3181
+# %% ../nbs/10_train.ipynb #191d24ff
 class Pretraining:
     "One pretraining job: its plan, model, data, step, baselines and logger; its methods are `fit`'s hooks."
     def __init__(self, cfg:TrainConfig, given:set|None=None):
@@ -456,15 +462,18 @@ class Pretraining:
         prec = _shared(pick_precision(c.precision, self.device, self.model.cfg, c.batch_size * T) if self.master
                        else None, self.world)
         self.cfg = c = replace(c, precision=prec)          # saved as chosen: a resumed run computes the same way
+        gpu = self.device.type == "cuda"
+        if gpu: torch.backends.cuda.matmul.allow_tf32 = True   # fp32 products on tensor cores (fp32 runs only)
         self.stepper = Stepper(self.model.to(self.device).train(), lm_loss, prec, c.weight_decay, c.grad_clip,
-                               c.compile, self.world > 1)
+                               gpu if c.compile is None else c.compile, self.world > 1,
+                               pad_vocab_to=64 if gpu else 1)
         if self.opt_state is not None: self.stepper.opt.load_state_dict(self.opt_state)
         self.schedule = c.schedule()
         self.sampler = WindowSampler(self.train_ids, T, c.batch_size, c.seed, c.sampler)
         self.prompt, self.sample = c.sample_prompt or _default_prompt(self.model.cfg.tokenizer), ""
         self._start_log()
 
-# %% ../nbs/10_train.ipynb #a9a00262
+# %% ../nbs/10_train.ipynb #d9eb0047
 @patch
 def _load_model(self:Pretraining, cfg:TrainConfig, given):
     "The plan, and the model and state to start from: --init-from, resumed, or none yet (built with the data)."
@@ -507,7 +516,8 @@ def _start_log(self:Pretraining):
     val = self.cache.splits["val"]
     self.log = Logger(Path(c.log_dir)/self.run.name if self.master else None, sched.time_budget or sched.max_steps,
                       s.seconds if sched.time_budget else s.step, c.progress, bool(sched.time_budget),
-                      val["tokens"] / val["characters"], purge_step=s.step if self.plan.resume_from else None)
+                      val["tokens"] / val["characters"], purge_step=s.step if self.plan.resume_from else None,
+                      flops_per_token=flops_per_token(m.cfg, self.T), peak_flops=peak_flops(self.device))
     what = f"resuming {self.run.name} at step {s.step}" if self.plan.resume_from else f"run {self.run.name}"
     length = f"{c.time_budget:g} min" if c.time_budget else f"{sched.max_steps} steps"
     self.log.say(f"{what} | {self.cache} | model {m.num_params():,} params, vocab {m.cfg.vocab_size:,}"
@@ -517,7 +527,7 @@ def _start_log(self:Pretraining):
         self.log.say("baselines on the validation split: " +
                      ", ".join(f"{k} {v:.3f}" for k, v in self.baselines.items()) + " nats/token")
 
-# %% ../nbs/10_train.ipynb #71f03cf8
+# %% ../nbs/10_train.ipynb #4d2b98e5
 @patch
 def batches(self:Pretraining, step:int) -> list:
     "The micro-batches of `step` on this rank: batch numbers (step·W + rank)·A + a."
@@ -558,7 +568,7 @@ def clock(self:Pretraining, dt:float) -> float:
     dist.broadcast(t, 0)
     return t.item()
 
-# %% ../nbs/10_train.ipynb #70bfb06b
+# %% ../nbs/10_train.ipynb #272aec2a
 @patch
 def finish(self:Pretraining) -> dict:
     "Scores the whole validation split, writes summary.json and the loss plots; returns the summary."
@@ -583,7 +593,7 @@ def finish(self:Pretraining) -> dict:
         plot_losses(st.history, d/"loss.png", shown, (st.tokens, final), val["tokens"] / val["characters"], title)
     return summary
 
-# %% ../nbs/10_train.ipynb #2460089c
+# %% ../nbs/10_train.ipynb #c91192d3
 def train(cfg:TrainConfig, # the run's settings
           given:set|None=None, # the settings given on the command line (see `plan`)
          ) -> dict:
@@ -607,7 +617,7 @@ def train(cfg:TrainConfig, # the run's settings
     finally:
         if world > 1 and dist.is_initialized(): dist.destroy_process_group()
 
-# %% ../nbs/10_train.ipynb #cc0614be
+# %% ../nbs/10_train.ipynb #e561da32
 DEMO = dict(preset="small", context_len=128, batch_size=16, time_budget=8.5, lr=2e-3, eval_every=250, eval_batches=20,
             save_every=500)
 
@@ -630,7 +640,7 @@ def config_from_args(argv=None) -> tuple[TrainConfig, set]:
         if "max_steps" in given: base.pop("time_budget")
     return TrainConfig(**{**base, **given}), set(given)
 
-# %% ../nbs/10_train.ipynb #8561acd7
+# %% ../nbs/10_train.ipynb #7af14273
 def report(s:dict, cfg:TrainConfig) -> str:
     "The end-of-run report: the loss on three scales, against the baselines, and what to do next."
     b = s["baselines"]
@@ -674,5 +684,5 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-# %% ../nbs/10_train.ipynb #7df7d2e2
+# %% ../nbs/10_train.ipynb #3105f367
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.train`
