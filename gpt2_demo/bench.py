@@ -6,9 +6,9 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/bench.html.md"""
 
 # %% auto #0
 __all__ = ['machine_info', 'train_modes', 'make_train_step', 'measure_memory', 'peak_memory', 'bench_train', 'quality',
-           'bench_generate', 'TrainBench', 'GenerateBench', 'parser', 'main']
+           'bench_generate', 'track_loss', 'TrainBench', 'TrackBench', 'GenerateBench', 'parser', 'main']
 
-# %% ../nbs/12_bench.ipynb #77c68aa1
+# %% ../nbs/12_bench.ipynb #0a9da3dc
 import json, math, multiprocessing, os, platform, statistics, sys, time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from .generate import generate, prepare_for_inference, INFERENCE_DTYPES
 from .optim import PEAK_TFLOPS, Stepper, flops_per_token
 from .train import TrainConfig, evaluate
 
-# %% ../nbs/12_bench.ipynb #53690d9f
+# %% ../nbs/12_bench.ipynb #a74a3ce3
 def _sync(device):
     if device.type == "cuda": torch.cuda.synchronize(device)
 
@@ -52,7 +52,7 @@ def machine_info(device:torch.device) -> dict:
     info["read_gb_s"] = round(x.numel() * 4 / _timeit(lambda: x.sum(), device, 5) / 1e9, 1)
     return info
 
-# %% ../nbs/12_bench.ipynb #071f07e6
+# %% ../nbs/12_bench.ipynb #d8b179cc
 def train_modes(device) -> list[str]:
     "The modes worth comparing on `device`: each side in each precision the hardware has; ours also compiled."
     precisions = ["fp32"] + (["bf16"] if bf16_native(torch.device(device)) else [])
@@ -69,7 +69,7 @@ def _batch(cfg, batch_size, seq_len, device, seed=0):
     ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
     return ids[:, :-1].to(device), ids[:, 1:].to(device)
 
-# %% ../nbs/12_bench.ipynb #069ba7bf
+# %% ../nbs/12_bench.ipynb #dc918569
 def make_train_step(mode:str, # one of `train_modes(device)`
                     cfg, device, hf_model=None, seed:int=0):
     "A function `step(x, y)` doing one training step of `mode`, returning the loss."
@@ -96,7 +96,7 @@ def make_train_step(mode:str, # one of `train_modes(device)`
         return loss.item()
     return step
 
-# %% ../nbs/12_bench.ipynb #111b6f4b
+# %% ../nbs/12_bench.ipynb #18604f0f
 def _status_mb(key:str) -> float:
     "A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: its peak), in MB."
     with open("/proc/self/status") as f:
@@ -132,7 +132,7 @@ def peak_memory(mode:str, cfg, batch_size:int, seq_len:int, device) -> float:
     if isinstance(r, BaseException): raise RuntimeError(f"memory measurement of {mode} failed: {r!r}")
     return r
 
-# %% ../nbs/12_bench.ipynb #b126bbeb
+# %% ../nbs/12_bench.ipynb #141ef1c3
 def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=5, warmup:int=2,
                 drop_rate:float|None=None, device="auto", modes=None, memory:bool=True, log=print) -> dict:
     "Tokens/s (median of `steps` alternated steps), achieved TFLOP/s, MFU on GPUs, and peak memory of each mode."
@@ -174,7 +174,7 @@ def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=
                 flops_per_token=fpt, results=res, best_ours=best["ours"], best_hf=best["hf"],
                 ratio=round(speed(best["ours"]) / speed(best["hf"]), 2))
 
-# %% ../nbs/12_bench.ipynb #4f8079c8
+# %% ../nbs/12_bench.ipynb #078cffdc
 def quality(checkpoint=None, windows:int=64, device="cpu") -> dict|None:
     "Held-out perplexity of a trained checkpoint (default: the newest under model/) in each inference precision."
     if checkpoint: ckpt = Path(checkpoint)
@@ -199,7 +199,7 @@ def _hf_generate(hf, ids, n):
     return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        use_cache=True, eos_token_id=None, pad_token_id=0)
 
-# %% ../nbs/12_bench.ipynb #ad518b7f
+# %% ../nbs/12_bench.ipynb #e678ab4a
 def bench_generate(preset:str="gpt2", prompt_len:int=20, new_tokens:int=200, batch:int=8, repeats:int=3, device="auto",
                    checkpoint=None, log=print) -> dict:
     "Greedy decoding tokens/s (batch 1 and `batch`) of our precisions and HF's, alternated; token agreement; quality."
@@ -244,7 +244,34 @@ def bench_generate(preset:str="gpt2", prompt_len:int=20, new_tokens:int=200, bat
                 ratio_vs_hf_fp32=ratios,
                 fp32_tokens_identical=bool(res["ours-float32"]["agrees_with_hf_fp32"] == 1.0), **q)
 
-# %% ../nbs/12_bench.ipynb #bb7c32a8
+# %% ../nbs/12_bench.ipynb #0c4725b2
+def track_loss(preset:str="gpt2", steps:int=200, batch_size:int=16, seq_len:int=1024, device="auto",
+               fast:str|None=None, lr:float=6e-4, log=print) -> dict:
+    "Loss curves of `ours-fp32` and the `fast` mode (default: the last mode of `train_modes`) from the same start."
+    from gpt2_demo.data import WindowSampler, prepare_data
+    device = resolve_device(device)
+    fast = fast or [m for m in train_modes(device) if m.startswith("ours")][-1]
+    cache = prepare_data(progress=False)                       # People's Daily, cl100k_base ids
+    cfg = get_config(preset, tokenizer="cl100k_base", context_len=max(seq_len, get_config(preset).context_len),
+                     drop_rate=0.0)
+    ws = WindowSampler(cache.train, seq_len, batch_size, seed=0)
+    curves = {}
+    for mode in ("ours-fp32", fast):
+        torch.manual_seed(0)
+        model = DummyGPT(cfg).to(device).train()
+        precision, compiled = mode.split("-")[1], mode.endswith("-compile")
+        pad = 64 if compiled and device.type == "cuda" else 1
+        st = Stepper(model, precision=precision, compile=compiled, pad_vocab_to=pad)
+        curves[mode] = [st.step([ws.batch(i, device)], lr * min(1.0, (i + 1) / 20))[0] for i in range(steps)]
+        log(f"  {mode}: {curves[mode][0]:.3f} -> {curves[mode][-1]:.3f}")
+        del model, st
+    d = [abs(a - b) for a, b in zip(*curves.values())]
+    tail = max(1, steps // 10)
+    return dict(kind="track", preset=preset, steps=steps, fast=fast, curves=curves, first_diff=d[0],
+                median_diff=statistics.median(d), max_diff=max(d),
+                last_mean_diff=abs(sum(curves[fast][-tail:]) - sum(curves["ours-fp32"][-tail:])) / tail)
+
+# %% ../nbs/12_bench.ipynb #5e1dae69
 @dataclass(frozen=True)
 class TrainBench:
     "What `gpt2-bench train` measures."
@@ -255,6 +282,17 @@ class TrainBench:
     steps:int = 5                    # timed steps per mode
     warmup:int = 2                   # untimed steps per mode first
     memory:bool = True               # measure each mode's peak memory in a fresh process
+    device:str = "auto"              # auto, cpu, cuda or cuda:N
+    json:bool = False                # print the full result as JSON
+
+@dataclass(frozen=True)
+class TrackBench:
+    "What `gpt2-bench track` compares: the fp32 reference and a fast mode, from the same start on real text."
+    preset:str = "gpt2"              # model preset (cl100k_base ids of the embedded corpus)
+    steps:int = 200                  # training steps of each mode
+    batch_size:int = 16              # sequences per step
+    seq_len:int = 1024               # tokens per sequence
+    fast:str|None = None             # the fast mode (default: the last of train_modes, e.g. ours-bf16-compile)
     device:str = "auto"              # auto, cpu, cuda or cuda:N
     json:bool = False                # print the full result as JSON
 
@@ -280,7 +318,7 @@ def _check(b):
     if getattr(b, "warmup", 0) < 0: raise UserError(f"--warmup must be at least 0, got {b.warmup}")
     if getattr(b, "checkpoint", None): read_config(b.checkpoint)
 
-# %% ../nbs/12_bench.ipynb #4bf4e7bf
+# %% ../nbs/12_bench.ipynb #500cb310
 def _table(r:dict, info:dict) -> str:
     lines = [f"machine: {info.get('gpu') or info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch "
              f"{info['torch']}; measured matmul {info.get('matmul_tflops_float32')} TFLOP/s fp32, "
@@ -315,9 +353,10 @@ def _table(r:dict, info:dict) -> str:
 def parser() -> ConfigParser:
     "The command-line parser of `gpt2-bench train|generate`."
     p = ConfigParser(prog="gpt2-bench", description="Speed of DummyGPT vs Hugging Face GPT-2 on this machine.")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="train|generate")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="train|generate|track")
     sub.add_parser("train", help="time training steps").add_config(TrainBench)
     sub.add_parser("generate", help="time greedy decoding").add_config(GenerateBench)
+    sub.add_parser("track", help="loss curve of a fast mode against the fp32 reference").add_config(TrackBench)
     return p
 
 def main(argv=None) -> int:
@@ -325,11 +364,15 @@ def main(argv=None) -> int:
     def run() -> int:
         p = parser()
         ns = p.parse_args(argv)
-        cls = TrainBench if ns.cmd == "train" else GenerateBench
+        cls = dict(train=TrainBench, generate=GenerateBench, track=TrackBench)[ns.cmd]
         b = cls(**p.given(ns, cls))
         _check(b)
         device = resolve_device(b.device)
         log = (lambda *x: print(*x, file=sys.stderr)) if b.json else print
+        if ns.cmd == "track":
+            r = track_loss(b.preset, b.steps, b.batch_size, b.seq_len, device, b.fast, log=log)
+            print(json.dumps(r) if b.json else {k: v for k, v in r.items() if k != "curves"})
+            return 0
         info = machine_info(device)
         gpu = device.type == "cuda"
         if ns.cmd == "train":
@@ -342,5 +385,5 @@ def main(argv=None) -> int:
         return 0
     return run_cli(run)
 
-# %% ../nbs/12_bench.ipynb #556ac8b3
+# %% ../nbs/12_bench.ipynb #aef87b66
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.bench`
