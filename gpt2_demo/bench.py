@@ -8,7 +8,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/bench.html.md"""
 __all__ = ['machine_info', 'train_modes', 'make_train_step', 'measure_memory', 'peak_memory', 'bench_train', 'quality',
            'bench_generate', 'track_loss', 'TrainBench', 'TrackBench', 'GenerateBench', 'parser', 'main']
 
-# %% ../nbs/12_bench.ipynb #0a9da3dc
+# %% ../nbs/12_bench.ipynb #a6373c62
 import json, math, multiprocessing, os, platform, statistics, sys, time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from .generate import generate, prepare_for_inference, INFERENCE_DTYPES
 from .optim import PEAK_TFLOPS, Stepper, flops_per_token
 from .train import TrainConfig, evaluate
 
-# %% ../nbs/12_bench.ipynb #a74a3ce3
+# %% ../nbs/12_bench.ipynb #fad938ed
 def _sync(device):
     if device.type == "cuda": torch.cuda.synchronize(device)
 
@@ -52,7 +52,7 @@ def machine_info(device:torch.device) -> dict:
     info["read_gb_s"] = round(x.numel() * 4 / _timeit(lambda: x.sum(), device, 5) / 1e9, 1)
     return info
 
-# %% ../nbs/12_bench.ipynb #d8b179cc
+# %% ../nbs/12_bench.ipynb #c5dcb79b
 def train_modes(device) -> list[str]:
     "The modes worth comparing on `device`: each side in each precision the hardware has; ours also compiled."
     precisions = ["fp32"] + (["bf16"] if bf16_native(torch.device(device)) else [])
@@ -69,7 +69,7 @@ def _batch(cfg, batch_size, seq_len, device, seed=0):
     ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
     return ids[:, :-1].to(device), ids[:, 1:].to(device)
 
-# %% ../nbs/12_bench.ipynb #dc918569
+# %% ../nbs/12_bench.ipynb #7088f5d4
 def make_train_step(mode:str, # one of `train_modes(device)`
                     cfg, device, hf_model=None, seed:int=0):
     "A function `step(x, y)` doing one training step of `mode`, returning the loss."
@@ -96,7 +96,7 @@ def make_train_step(mode:str, # one of `train_modes(device)`
         return loss.item()
     return step
 
-# %% ../nbs/12_bench.ipynb #18604f0f
+# %% ../nbs/12_bench.ipynb #9902da80
 def _status_mb(key:str) -> float:
     "A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: its peak), in MB."
     with open("/proc/self/status") as f:
@@ -132,7 +132,7 @@ def peak_memory(mode:str, cfg, batch_size:int, seq_len:int, device) -> float:
     if isinstance(r, BaseException): raise RuntimeError(f"memory measurement of {mode} failed: {r!r}")
     return r
 
-# %% ../nbs/12_bench.ipynb #141ef1c3
+# %% ../nbs/12_bench.ipynb #22723f62
 def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=5, warmup:int=2,
                 drop_rate:float|None=None, device="auto", modes=None, memory:bool=True, log=print) -> dict:
     "Tokens/s (median of `steps` alternated steps), achieved TFLOP/s, MFU on GPUs, and peak memory of each mode."
@@ -174,7 +174,7 @@ def bench_train(preset:str="gpt2", batch_size:int=4, seq_len:int=256, steps:int=
                 flops_per_token=fpt, results=res, best_ours=best["ours"], best_hf=best["hf"],
                 ratio=round(speed(best["ours"]) / speed(best["hf"]), 2))
 
-# %% ../nbs/12_bench.ipynb #078cffdc
+# %% ../nbs/12_bench.ipynb #88e50be4
 def quality(checkpoint=None, windows:int=64, device="cpu") -> dict|None:
     "Held-out perplexity of a trained checkpoint (default: the newest under model/) in each inference precision."
     if checkpoint: ckpt = Path(checkpoint)
@@ -199,7 +199,7 @@ def _hf_generate(hf, ids, n):
     return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        use_cache=True, eos_token_id=None, pad_token_id=0)
 
-# %% ../nbs/12_bench.ipynb #e678ab4a
+# %% ../nbs/12_bench.ipynb #97954b77
 def bench_generate(preset:str="gpt2", prompt_len:int=20, new_tokens:int=200, batch:int=8, repeats:int=3, device="auto",
                    checkpoint=None, log=print) -> dict:
     "Greedy decoding tokens/s (batch 1 and `batch`) of our precisions and HF's, alternated; token agreement; quality."
@@ -244,14 +244,14 @@ def bench_generate(preset:str="gpt2", prompt_len:int=20, new_tokens:int=200, bat
                 ratio_vs_hf_fp32=ratios,
                 fp32_tokens_identical=bool(res["ours-float32"]["agrees_with_hf_fp32"] == 1.0), **q)
 
-# %% ../nbs/12_bench.ipynb #0c4725b2
+# %% ../nbs/12_bench.ipynb #663d01da
 def track_loss(preset:str="gpt2", steps:int=200, batch_size:int=16, seq_len:int=1024, device="auto",
-               fast:str|None=None, lr:float=6e-4, log=print) -> dict:
+               fast:str|None=None, lr:float=6e-4, data_dir="datasets", log=print) -> dict:
     "Loss curves of `ours-fp32` and the `fast` mode (default: the last mode of `train_modes`) from the same start."
     from gpt2_demo.data import WindowSampler, prepare_data
     device = resolve_device(device)
     fast = fast or [m for m in train_modes(device) if m.startswith("ours")][-1]
-    cache = prepare_data(progress=False)                       # People's Daily, cl100k_base ids
+    cache = prepare_data(root=Path(data_dir), progress=False)   # People's Daily, cl100k_base ids
     cfg = get_config(preset, tokenizer="cl100k_base", context_len=max(seq_len, get_config(preset).context_len),
                      drop_rate=0.0)
     ws = WindowSampler(cache.train, seq_len, batch_size, seed=0)
@@ -271,7 +271,7 @@ def track_loss(preset:str="gpt2", steps:int=200, batch_size:int=16, seq_len:int=
                 median_diff=statistics.median(d), max_diff=max(d),
                 last_mean_diff=abs(sum(curves[fast][-tail:]) - sum(curves["ours-fp32"][-tail:])) / tail)
 
-# %% ../nbs/12_bench.ipynb #5e1dae69
+# %% ../nbs/12_bench.ipynb #6440e5c9
 @dataclass(frozen=True)
 class TrainBench:
     "What `gpt2-bench train` measures."
@@ -318,7 +318,7 @@ def _check(b):
     if getattr(b, "warmup", 0) < 0: raise UserError(f"--warmup must be at least 0, got {b.warmup}")
     if getattr(b, "checkpoint", None): read_config(b.checkpoint)
 
-# %% ../nbs/12_bench.ipynb #500cb310
+# %% ../nbs/12_bench.ipynb #4a86c2e7
 def _table(r:dict, info:dict) -> str:
     lines = [f"machine: {info.get('gpu') or info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch "
              f"{info['torch']}; measured matmul {info.get('matmul_tflops_float32')} TFLOP/s fp32, "
@@ -385,5 +385,5 @@ def main(argv=None) -> int:
         return 0
     return run_cli(run)
 
-# %% ../nbs/12_bench.ipynb #aef87b66
+# %% ../nbs/12_bench.ipynb #1331288a
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.bench`
