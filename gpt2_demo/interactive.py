@@ -1,4 +1,4 @@
-"""A terminal session with any saved model: streamed completions, live settings, Ctrl-C, scripting.
+"""A terminal session with any saved model: streamed completions, chat mode, settings, Ctrl-C, scripting.
 
 Docs: https://gpt2-demo.github.io/gpt2_demo/interactive.html.md"""
 
@@ -8,8 +8,8 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/interactive.html.md"""
 __all__ = ['PROMPT', 'Settings', 'parse_setting', 'run_command', 'load_model', 'describe', 'Session', 'ReplConfig', 'parser',
            'config_from_args', 'main']
 
-# %% ../nbs/11_interactive.ipynb #96537c5e
-import math, os, signal, sys, time, typing
+# %% ../nbs/11_interactive.ipynb #c8417a9e
+import math, os, re, signal, sys, time, typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, TextIO
@@ -21,9 +21,10 @@ from .core import ConfigParser, UserError, _base_type, field_help, one_line, res
 from .model import DummyGPT
 from .checkpoint import latest_checkpoint, open_model
 from .generate import check_sampling, generate_stream, prepare_for_inference, default_inference_dtype, INFERENCE_DTYPES
+from .sft import ChatTemplate, chat_template
 from .tokenizer import ModelEncoding, StreamDecoder
 
-# %% ../nbs/11_interactive.ipynb #9ed2ddb7
+# %% ../nbs/11_interactive.ipynb #1bfbc3b1
 @dataclass(frozen=True)
 class Settings:
     "Sampling settings of a session: each is a /command in the REPL and a --flag on the command line."
@@ -75,12 +76,13 @@ def parse_setting(name:str, # one of the `Settings` fields
     if isinstance(value, float) and not math.isfinite(value): raise UserError(f"{name} must be {what}, got {text!r}")
     return value
 
-# %% ../nbs/11_interactive.ipynb #da19d204
+# %% ../nbs/11_interactive.ipynb #c0abd926
 def _help() -> str:
     d, helps = Settings(), field_help(Settings)
     rows = [(f"/{f.name} {_syntax(f.name)}", f"{helps[f.name]} (default {_show(getattr(d, f.name))})") for f in fields(d)]
     rows += [("/greedy", "always take the most likely token (= /temperature 0)"), ("/settings", "show the current settings"),
-             ("/help", "this list"), ("/quit", "leave (or Ctrl-D); Ctrl-C stops a running completion")]
+             ("/reset", "chat mode: forget the conversation so far"), ("/help", "this list"),
+             ("/quit", "leave (or Ctrl-D); Ctrl-C stops a running completion")]
     return "commands (a setting without a value shows it):\n" + "\n".join(f"  {a:<22}{b}" for a, b in rows)
 
 def run_command(line:str, # the line as typed, e.g. "/top_k 40"
@@ -102,7 +104,7 @@ def run_command(line:str, # the line as typed, e.g. "/top_k 40"
         return new, f"{name} = {_show(getattr(new, name))}"
     raise UserError(f"unknown command /{name}; /help lists the commands")
 
-# %% ../nbs/11_interactive.ipynb #41dda2d5
+# %% ../nbs/11_interactive.ipynb #37f6216c
 def load_model(source=None, # a checkpoint or run folder, a Hugging Face folder or hub name (None: the newest under model_dir)
                model_dir="model", # where to find the newest checkpoint when no source is given
                device="cpu",    # where to put the model
@@ -123,14 +125,15 @@ def load_model(source=None, # a checkpoint or run folder, a Hugging Face folder 
     return model, enc, where
 
 def describe(model:DummyGPT, enc, source:str) -> str:
-    "The one line shown at start: where the model comes from, its size, tokenizer, device and dtype."
-    w = model.tok_emb.weight
+    "The line shown at start: where the model comes from, its size, tokenizer, device, dtype, chat template."
+    w, template = model.tok_emb.weight, chat_template(model.cfg)
     vocab = f" (compact, {enc.n_vocab:,} ids)" if isinstance(enc, ModelEncoding) and enc.ids is not None else ""
     dtype = getattr(model, "inference_dtype", str(w.dtype).removeprefix("torch."))
     return (f"{source}: {getattr(model, 'n_params', model.num_params()) / 1e6:.2f}M parameters, "
-            f"tokenizer {enc.name}{vocab}, context {model.cfg.context_len}, device {w.device}, dtype {dtype}")
+            f"tokenizer {enc.name}{vocab}, context {model.cfg.context_len}, device {w.device}, dtype {dtype}"
+            + (f", chat template {template.name}" if template else ""))
 
-# %% ../nbs/11_interactive.ipynb #7810b7ab
+# %% ../nbs/11_interactive.ipynb #7a6bff9b
 PROMPT = ">>> "
 
 class Session:
@@ -139,8 +142,11 @@ class Session:
                  settings:Settings=Settings(), # the sampling settings to start with
                  out:TextIO|None=None,  # where completions go (default: sys.stdout at the time of writing)
                  info:TextIO|None=None, # where messages and speeds go (default: `out`)
+                 chat:ChatTemplate|None=None, # chat mode: prompts are turns in this template
+                 system:str|None=None,  # chat mode: a system message before the conversation
                 ):
         self.model, self.enc, self.settings, self._out, self._info = model, enc, settings, out, info
+        self.chat, self.system, self.history, self.dropped = chat, system, [], 0
         self.n_tokens, self.seconds = 0, 0.0
 
     @property
@@ -149,34 +155,47 @@ class Session:
     def info(self) -> TextIO: return self._info or self.out
 
     def stream(self, prompt:str) -> Iterator[str]:
-        "The completion of `prompt`, in text pieces as it is generated; a piece never ends inside a character."
-        s, eot, dev = self.settings, self.enc.eot_token, self.model.tok_emb.weight.device
-        ids = self.enc.encode_ordinary(prompt) or [eot]
+        "The completion of `prompt` (chat: its answer), in text pieces; a piece never ends inside a character."
+        s, dev, eot = self.settings, self.model.tok_emb.weight.device, self.enc.eot_token
+        if self.chat is None: end, ids = eot, self.enc.encode_ordinary(prompt) or [eot]
+        else:
+            prompt = _unescape(prompt)                  # a turn typed on one line may hold new lines, as \n
+            end, ids = self.enc.special_ids[self.chat.end], self.chat_prompt(prompt)
         gen = torch.Generator(dev)
         if s.seed is None: gen.seed()
         else: gen.manual_seed(s.seed)                       # reseeded per completion: same prompt + seed, same text
-        dec, self.n_tokens, t0 = StreamDecoder(self.enc), 0, time.perf_counter()
+        dec, new, t0 = StreamDecoder(self.enc), [], time.perf_counter()
+        self.n_tokens = 0
         try:
             for nxt in generate_stream(self.model, torch.tensor([ids], device=dev), s.max_new_tokens, s.temperature,
-                                       s.top_k, s.top_p, eos_id=eot, use_cache=True, generator=gen):
+                                       s.top_k, s.top_p, eos_id=end, use_cache=True, generator=gen):
                 tok = int(nxt[0])
-                if tok == eot: break
+                if tok == end: break
+                new.append(tok)
                 self.n_tokens += 1
                 if piece := dec.push(tok): yield piece
             # no dec.flush(): bytes still held back are half a character cut by max_new_tokens, dropped (not �)
-        finally: self.seconds = time.perf_counter() - t0
+        finally:
+            self.seconds = time.perf_counter() - t0
+            if self.chat is not None:                   # the exchange, as far as it went, joins the history
+                self.history += [self.chat.turn(self.enc, "user", prompt),
+                                 [self.enc.special_ids[self.chat.assistant], *new, end]]
 
     def complete(self, prompt:str) -> str:
         "The whole completion of `prompt` (the generated text only)."
         return "".join(self.stream(prompt))
 
-# %% ../nbs/11_interactive.ipynb #a5e47fc7
+# %% ../nbs/11_interactive.ipynb #f2b84188
 def _put(f:TextIO, text:str):
     "Writes `text` and flushes it at once: the user sees each piece as it comes."
     f.write(text)
     f.flush()
 
 def _escape(text:str) -> str: return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+def _unescape(text:str) -> str:
+    "The inverse of `_escape`: `\\n`, `\\r` and `\\\\` in a typed line become a new line, a return, a backslash."
+    return re.sub(r"\\([nr\\])", lambda m: {"n": "\n", "r": "\r", "\\": "\\"}[m.group(1)], text)
 
 @patch(as_prop=True)
 def speed(self:Session) -> str:
@@ -193,6 +212,10 @@ def run_prompt(self:Session, prompt:str, # the text to complete
     try:
         for piece in self.stream(prompt): _put(self.out, _escape(piece) if one_line else piece)
         _put(self.out, "\n")
+        if self.dropped:
+            n = self.dropped
+            _put(self.info, f"[dropped the {n} oldest exchange{'s' * (n > 1)} to stay within the context of "
+                            f"{self.model.cfg.context_len} tokens]\n")
     except KeyboardInterrupt:
         if not catch: raise
         _put(self.out, "\n")
@@ -201,17 +224,30 @@ def run_prompt(self:Session, prompt:str, # the text to complete
     return True
 
 @patch
-def _line_command(self:Session, line:str) -> bool|None:
-    "Runs `line` if it is a command: True to go on, False for /quit; None if it is a prompt."
-    if not line.startswith("/") or line.startswith("//"): return None
-    try: new, msg = run_command(line, self.settings)
-    except UserError as e:
-        _put(self.info, f"error: {e}\n")
+def command(self:Session, line:str, # a /command as typed
+           ) -> bool:
+    "Runs a /command (settings, /reset), showing its message; False for /quit; `UserError` for a bad one."
+    name, *args = line.split()
+    if name.lower() == "/reset":
+        if args: raise UserError(f"/reset takes no value, got {' '.join(args)!r}")
+        if self.chat is None: raise UserError("/reset forgets a chat's history; there is none without --chat")
+        self.history = []
+        _put(self.info, "history cleared\n")
         return True
+    new, msg = run_command(line, self.settings)
     if new is None: return False
     self.settings = new
     if msg: _put(self.info, msg + "\n")
     return True
+
+@patch
+def _line_command(self:Session, line:str) -> bool|None:
+    "Runs `line` if it is a command: True to go on, False for /quit; None if it is a prompt."
+    if not line.startswith("/") or line.startswith("//"): return None
+    try: return self.command(line)
+    except UserError as e:
+        _put(self.info, f"error: {e}\n")
+        return True
 
 @patch
 def feed(self:Session, line:str, # one line as typed (without its newline)
@@ -236,7 +272,7 @@ def repl(self:Session, read:Callable[[str], str]=input, # shows the prompt, retu
             return 0
         if not self.feed(line): return 0
 
-# %% ../nbs/11_interactive.ipynb #46f7547e
+# %% ../nbs/11_interactive.ipynb #cb1ad449
 @patch
 def script(self:Session, lines:Iterable[str], # prompts and commands, one per line (e.g. sys.stdin)
           ) -> int:
@@ -244,17 +280,30 @@ def script(self:Session, lines:Iterable[str], # prompts and commands, one per li
     for line in lines:
         line = line.removesuffix("\n").removesuffix("\r")
         if line.startswith("/") and not line.startswith("//"):
-            try: new, msg = run_command(line, self.settings)
+            try: go = self.command(line)
             except UserError as e:
                 _put(self.info, f"error: {e}\n")
                 return 2
-            if new is None: return 0
-            self.settings = new
-            if msg: _put(self.info, msg + "\n")
+            if not go: return 0
         else: self.run_prompt(line[1:] if line.startswith("//") else line, one_line=True, catch=False)
     return 0
 
-# %% ../nbs/11_interactive.ipynb #fb398d90
+# %% ../nbs/11_interactive.ipynb #40f0e222
+@patch
+def chat_prompt(self:Session, text:str, # the user's new turn
+               ) -> list[int]:
+    "Chat mode: the ids from which the model answers `text`; the oldest exchanges are dropped to make room."
+    c, enc, ctx = self.chat, self.enc, self.model.cfg.context_len
+    head = c.turn(enc, "system", self.system) if self.system else []
+    tail = c.turn(enc, "user", text) + [enc.special_ids[c.assistant]]
+    room = ctx - min(self.settings.max_new_tokens, ctx // 4)
+    self.dropped = 0
+    while self.history and len(head) + sum(map(len, self.history)) + len(tail) > room:
+        del self.history[:2]                                  # one exchange: the user's turn and the answer
+        self.dropped += 1
+    return head + [i for turn in self.history for i in turn] + tail
+
+# %% ../nbs/11_interactive.ipynb #c79d5523
 @dataclass(frozen=True)
 class ReplConfig:
     "Which model to talk to, and how (the sampling settings are `Settings`)."
@@ -265,9 +314,13 @@ class ReplConfig:
     greedy:bool = False            # always take the most likely token (= --temperature 0)
     device:str = "auto"            # auto (cuda if available), cpu, cuda or cuda:N
     dtype:Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # weights for decoding; auto: bf16 or fp32, whichever is faster here
+    chat:bool = False              # chat with a model fine-tuned by gpt2-sft: prompts are turns, history kept
+    system:str|None = None         # chat: a system message at the start of the conversation
 
     def __post_init__(self):
         if self.checkpoint is not None and self.hf is not None: raise UserError("give --checkpoint or --hf, not both")
+        if self.system is not None and not self.chat:
+            raise UserError("--system is a chat's first message: add --chat")
         resolve_device(self.device)
 
 def parser() -> ConfigParser:
@@ -287,7 +340,7 @@ def config_from_args(argv=None) -> tuple[ReplConfig, Settings]:
     cfg, settings = ReplConfig(**p.given(ns, ReplConfig)), Settings(**p.given(ns, Settings))
     return cfg, replace(settings, temperature=0.0) if cfg.greedy else settings
 
-# %% ../nbs/11_interactive.ipynb #5081435b
+# %% ../nbs/11_interactive.ipynb #6b79deec
 def _history_file() -> Path|None:
     try: return Path.home()/".gpt2_demo_history"
     except RuntimeError: return None
@@ -305,7 +358,8 @@ def _terminal_repl(session:Session) -> int:
         try: readline.read_history_file(hist)
         except (OSError, UnicodeError): pass
         readline.set_history_length(1000)
-    _put(session.info, "type a prompt, or /help for commands; Ctrl-C stops a completion, Ctrl-D quits\n")
+    what = "a message (/reset starts a new chat)" if session.chat else "a prompt"
+    _put(session.info, f"type {what}, or /help for commands; Ctrl-C stops a completion, Ctrl-D quits\n")
     try: return session.repl(input)
     finally:
         if readline and hist:
@@ -325,9 +379,15 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
     def run() -> int:
         cfg, settings = config_from_args(argv)
         model, enc, source = load_model(cfg.checkpoint or cfg.hf, cfg.model_dir, resolve_device(cfg.device), cfg.dtype)
-        print(describe(model, enc, source), file=sys.stderr, flush=True)
+        template = chat_template(model.cfg)
+        if cfg.chat and template is None:
+            raise UserError(f"--chat: {source} has no chat template (no chat tokens in its vocabulary); "
+                            f"fine-tune it with gpt2-sft first, or leave out --chat")
+        hint = " (--chat to chat with it)" if template and not cfg.chat else ""
+        print(describe(model, enc, source) + hint, file=sys.stderr, flush=True)
         repl = cfg.prompt is None and sys.stdin.isatty()
-        session = Session(model, enc, settings, info=None if repl else sys.stderr)   # scripting: stdout = completions
+        session = Session(model, enc, settings, info=None if repl else sys.stderr,   # scripts: stdout = answers
+                          chat=template if cfg.chat else None, system=cfg.system)
         try:
             if cfg.prompt is not None: return 0 if session.run_prompt(cfg.prompt, catch=False) else 130
             return _terminal_repl(session) if repl else session.script(sys.stdin)
@@ -336,5 +396,5 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
             return 0
     return run_cli(run)
 
-# %% ../nbs/11_interactive.ipynb #e90b0fe9
+# %% ../nbs/11_interactive.ipynb #602b23b5
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.interactive` (not in a notebook)

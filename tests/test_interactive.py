@@ -3,7 +3,8 @@ and every way of failing to start.
 
 All models are tiny ones saved by the test itself: one with random weights (the mechanics, compared with `generate`
 run here), and "scripted" ones whose blocks are zeroed so the next token depends on the position alone, which write a
-known Chinese text (with 世 split over two tokens) or never stop."""
+known Chinese text (with 世 split over two tokens), never stop, or — with the chat template's tokens — answer
+each question of a known conversation only when the whole conversation before it is in the prompt."""
 import codecs, json, os, re, shutil, signal, subprocess, sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from gpt2_demo.checkpoint import load_checkpoint, save_checkpoint
 from gpt2_demo.generate import generate
 from gpt2_demo.model import DummyGPT, get_config
+from gpt2_demo.sft import TEMPLATE
 from gpt2_demo.tokenizer import ModelEncoding, get_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +49,9 @@ def one_thread():
 def scripted_model(enc: ModelEncoding, script: list[int], ctx: int = 64) -> DummyGPT:
     "A model whose next token after position p is `script[p]` (the last one repeats), whatever the input."
     # logit of token t at position p ∝ [script[p] == t] - (share of positions with t): so no token may fill them all
-    m = DummyGPT(get_config("tiny", tokenizer="cl100k_base", vocab_ids=enc.ids.tolist(), tie_weights=False, context_len=ctx))
+    specials = list(getattr(enc, "specials", ())) or None                 # the chat template's tokens, if any
+    m = DummyGPT(get_config("tiny", tokenizer="cl100k_base", vocab_ids=enc.ids.tolist(), tie_weights=False,
+                            context_len=ctx, specials=specials))
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name == "tok_emb.weight" or ".out_proj." in name or ".ff.proj." in name: p.zero_()
@@ -69,7 +73,28 @@ def ckpts(tmp_path_factory) -> dict:
     dot, ren, min_ = enc.encode_ordinary(".")[0], enc.encode_ordinary("人")[0], enc.encode_ordinary("民")[0]
     save_checkpoint(scripted_model(enc, [dot] * 3 + enc.encode_ordinary("你好，世界！") + [enc.eot_token]), d / "hello")
     save_checkpoint(scripted_model(enc, [ren, min_] * 32), d / "endless")   # 民人民人…, then 民 for ever
-    return {k: d / k for k in ("zh", "gpt2", "hello", "endless")}
+    chat = ModelEncoding(cl, enc.ids, specials=TEMPLATE.specials)
+    save_checkpoint(scripted_model(chat, chat_script(chat, TALK)), d / "chat", chat_template=TEMPLATE.name)
+    long_script = chat_script(chat, LONG_TALK, kept=lambda i: [1] if i == 2 else range(i))   # 1st dropped
+    save_checkpoint(scripted_model(chat, long_script), d / "chat-long", chat_template=TEMPLATE.name)
+    return {k: d / k for k in ("zh", "gpt2", "hello", "endless", "chat", "chat-long")}
+
+
+# a conversation, and one whose questions are so long that the third one drops the first exchange (context 64)
+TALK = [("你好", "你好！"), ("北京今天天气？", "晴朗。"), ("谢谢", "不客气。")]
+LONG_TALK = [("北京" * 8, "你好！"), ("人民" * 8, "晴朗。"), ("北京" * 12, "再见。")]
+
+
+def chat_script(enc: ModelEncoding, exchanges, kept=lambda i: range(i), ctx: int = 64) -> list[int]:
+    "A script answering question i of `exchanges` right after a prompt holding the exchanges `kept(i)`."
+    end = enc.special_ids[TEMPLATE.end]
+    question = lambda q: len(TEMPLATE.turn(enc, "user", q)) + 1           # with the assistant's token
+    answer = lambda a: enc.encode_ordinary(a) + [end]
+    script = [enc.encode_ordinary("。")[0]] * ctx
+    for i, (q, a) in enumerate(exchanges):
+        n = sum(question(exchanges[j][0]) + len(answer(exchanges[j][1])) for j in kept(i)) + question(q)
+        script[n - 1:n - 1 + len(answer(a))] = answer(a)
+    return script
 
 
 def expected(ckpt: Path, prompt: str, n: int, temperature=0.0, top_k=None, top_p=None, seed=None) -> str:
@@ -188,6 +213,47 @@ def test_repl_ctrl_c_and_ctrl_d(ckpts, env, sigint_ignored):
     assert child.exitstatus == 0
 
 
+# ---- chat mode, through a pseudo-terminal -----------------------------------------------------------------
+
+def test_chat_keeps_history_and_reset_clears_it(ckpts, env):
+    child = spawn("--checkpoint", ckpts["chat"], "--chat", "--greedy", "--max-new-tokens", 10, env=env)
+    for q, a in TALK:                               # the script has each answer only after the whole history
+        assert ask(child, q)[0] == a
+    assert command(child, "/reset") == "history cleared\n"
+    text, _ = ask(child, TALK[1][0])                # a new conversation: the 2nd question alone finds filler
+    assert text and set(text) == {"。"}
+    command(child, "/reset")
+    assert ask(child, TALK[0][0])[0] == TALK[0][1]
+    assert "/reset" in command(child, "/help")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF); child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_drops_oldest_exchange_to_fit_context(ckpts, env):
+    child = spawn("--checkpoint", ckpts["chat-long"], "--chat", "--greedy", "--max-new-tokens", 16, env=env)
+    assert ask(child, LONG_TALK[0][0])[0] == "你好！"
+    assert ask(child, LONG_TALK[1][0])[0] == "晴朗。"
+    text, _ = ask(child, LONG_TALK[2][0])           # room: 64 - 16 tokens; the first exchange no longer fits
+    assert text == "再见。\n[dropped the 1 oldest exchange to stay within the context of 64 tokens]"
+    child.sendeof()
+    child.expect(pexpect.EOF); child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_prompt_and_stdin(ckpts, env):
+    r = run("--checkpoint", ckpts["chat"], "--chat", "--prompt", TALK[0][0], "--greedy", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "你好！\n" and r.stderr.rstrip().endswith("chat template role-tokens/1")
+    r = run("--checkpoint", ckpts["chat"], "--chat", "--greedy", env=env,
+            input="".join(q + "\n" for q, _ in TALK) + "/reset\n" + TALK[0][0] + "\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n") == [a for _, a in TALK] + [TALK[0][1], ""]     # one chat; /reset starts anew
+    assert "history cleared" in r.stderr
+    r = run("--checkpoint", ckpts["chat"], "--prompt", TALK[0][0], "--greedy", "--max-new-tokens", 3, env=env)
+    assert r.returncode == 0 and r.stderr.rstrip().endswith("(--chat to chat with it)")   # a completion
+
+
 # ---- scripting ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which,prompt", [("zh", "人民日报"), ("gpt2", "Every effort moves you")])
@@ -260,6 +326,8 @@ def broken(ckpts, tmp_path, what) -> Path:
     ("vocab-not-compact", "vocab_ids is not a compact vocabulary of cl100k_base"),
     ("--temperature=-1", "error: temperature must be >= 0, got -1.0"),
     ("--top-k=many", "error: --top-k: expected an integer, or off, got 'many'"),
+    ("--chat", "has no chat template (no chat tokens in its vocabulary); fine-tune it with gpt2-sft first"),
+    ("--system=你是助手", "error: --system is a chat's first message: add --chat"),
 ])
 def test_errors(ckpts, env, tmp_path, case, message):
     if case == "no-checkpoint": args = []
