@@ -8,14 +8,14 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/core.html.md"""
 __all__ = ['PRECISIONS', 'UserError', 'one_line', 'atomic_write', 'resolve_device', 'bf16_native', 'cache_dir',
            'faster_precision', 'field_help', 'ConfigParser', 'run_cli']
 
-# %% ../nbs/00_core.ipynb #04cacb42
+# %% ../nbs/00_core.ipynb #a95c1257
 import argparse, dataclasses, hashlib, json, os, platform, statistics, sys, tempfile, time, types, typing
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-# %% ../nbs/00_core.ipynb #bbc9d06b
+# %% ../nbs/00_core.ipynb #b71e1c38
 class UserError(Exception):
     "Bad input (a flag, a file, a model): the message names the problem and what to do; a CLI prints it as one line."
 
@@ -23,7 +23,7 @@ def one_line(e:BaseException) -> str:
     "The message of `e` on one line (or its type name if it has none)."
     return " ".join(str(e).split()) or type(e).__name__
 
-# %% ../nbs/00_core.ipynb #94100843
+# %% ../nbs/00_core.ipynb #b8c16b0f
 def atomic_write(path, # the file to (re)write
                  write, # `write(tmp_path)` writes the content to a temporary path
                 ) -> Path:
@@ -39,7 +39,7 @@ def atomic_write(path, # the file to (re)write
         if os.path.exists(tmp): os.remove(tmp)
     return path
 
-# %% ../nbs/00_core.ipynb #a9734b3f
+# %% ../nbs/00_core.ipynb #9ea498d2
 def resolve_device(device:str="auto", # auto (cuda if available), cpu, cuda or cuda:N
                   ) -> torch.device:
     "The torch device for `device`; `UserError` for one this machine does not have."
@@ -54,7 +54,7 @@ def resolve_device(device:str="auto", # auto (cuda if available), cpu, cuda or c
         raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
-# %% ../nbs/00_core.ipynb #ec96936a
+# %% ../nbs/00_core.ipynb #b38037e1
 PRECISIONS = ("fp32", "bf16")
 
 def bf16_native(device) -> bool:
@@ -91,7 +91,7 @@ def _time_products(shapes, dtype, device, backward:bool=True, repeats:int=5) -> 
         ts.append(statistics.median(times))
     return sum(ts)
 
-# %% ../nbs/00_core.ipynb #cfd5b9be
+# %% ../nbs/00_core.ipynb #c9c0592c
 def faster_precision(device, # where the model computes
                      shapes:list, # (m, k, n) of each distinct matrix product: m rows (tokens), k in, n out
                      backward:bool=True, # time the backward products too (training), or the forward only
@@ -116,7 +116,7 @@ def faster_precision(device, # where the model computes
         except OSError: pass                       # a read-only home: measure again next time
     return choice
 
-# %% ../nbs/00_core.ipynb #02c4ebee
+# %% ../nbs/00_core.ipynb #2762bb42
 def _base_type(t):
     "`(int, True)` for `int | None`; `(t, False)` otherwise."
     args = typing.get_args(t)
@@ -147,16 +147,20 @@ def _comments(src:str) -> dict:
 def field_help(cls) -> dict:
     "The comment after each field of dataclass `cls` (its help text), read with fastcore's `docments`."
     from fastcore.docments import docments
-    try:
-        found = {k: v for k, v in docments(cls).items() if k != "return"}
-        if any(found.values()): return found
-    except (OSError, TypeError): pass
-    import linecache                               # defined in a notebook cell: find that cell's source
+    def read(c):
+        try: return {k: v for k, v in docments(c).items() if k != "return"}
+        except (OSError, TypeError): return {}
+    if any((found := read(cls)).values()): return found
+    import importlib                               # run as __main__, or a notebook: the same class in the package
+    from gpt2_demo._modidx import d
+    mod = next((m for m, syms in d["syms"].items() if f"{m}.{cls.__name__}" in syms), None)
+    if mod and any((found := read(getattr(importlib.import_module(mod), cls.__name__))).values()): return found
+    import linecache                               # defined only in a notebook cell: find that cell's source
     cells = ["".join(v[2]) for k, v in list(linecache.cache.items()) if k.startswith("<") and len(v) > 2]
     srcs = [c[c.index(f"class {cls.__name__}"):] for c in cells if f"class {cls.__name__}" in c]
     return _comments(srcs[-1]) if srcs else {}
 
-# %% ../nbs/00_core.ipynb #c7a803e9
+# %% ../nbs/00_core.ipynb #b389c6dd
 class ConfigParser(argparse.ArgumentParser):
     "An argparse parser with one flag per field of config dataclasses; its errors are `UserError`s."
     def __init__(self, *args, **kw): super().__init__(*args, argument_default=argparse.SUPPRESS, **kw)
@@ -172,8 +176,7 @@ class ConfigParser(argparse.ArgumentParser):
             if f.name in skip or not f.init: continue
             flag, (t, optional) = "--" + f.name.replace("_", "-"), _base_type(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else None
-            shown = "off" if default is None and optional else default
-            h = (helps.get(f.name) or "") + ("" if default is None and not optional else f" (default: {shown})")
+            h = (helps.get(f.name) or "") + ("" if default is None else f" (default: {default})")
             if t is bool: target.add_argument(flag, action=argparse.BooleanOptionalAction, help=h)
             elif typing.get_origin(t) is Literal:
                 target.add_argument(flag, choices=typing.get_args(t), help=h)
@@ -185,7 +188,7 @@ class ConfigParser(argparse.ArgumentParser):
         names = {f.name for f in dataclasses.fields(cls)}
         return {k: v for k, v in vars(ns).items() if k in names}
 
-# %% ../nbs/00_core.ipynb #253b59fe
+# %% ../nbs/00_core.ipynb #98ebb190
 def run_cli(main, # `main()` does the work and returns the exit status
             interrupted=lambda: "", # returns what to print on Ctrl-C (e.g. how to continue)
            ) -> int:

@@ -10,7 +10,7 @@ __all__ = ['RESUME_KEEP', 'RESUME_MAY_CHANGE', 'DEMO', 'TrainConfig', 'Plan', 'p
            'plot_losses', 'fit', 'dist_env', 'sample_text', 'Pretraining', 'train', 'parser', 'config_from_args',
            'report', 'main']
 
-# %% ../nbs/10_train.ipynb #e4990f8b
+# %% ../nbs/10_train.ipynb #e2b64397
 import contextlib, datetime, json, math, os, sys, time
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
@@ -32,7 +32,7 @@ from .data import PEOPLE_DAILY, GPTDataset, WindowSampler, prepare_data, unigram
 from .ngram import ngram_baselines
 from .optim import Schedule, Stepper, flops_per_token, lm_loss, peak_flops, pick_precision, step_seed
 
-# %% ../nbs/10_train.ipynb #c6202030
+# %% ../nbs/10_train.ipynb #3336d0de
 @dataclass(frozen=True)
 class TrainConfig:
     "Everything a pretraining run depends on; each field is also a command-line flag."
@@ -139,7 +139,7 @@ class TrainConfig:
                             self.txt_docs, self.max_samples, self.val_fraction,
                             self.progress if progress is None else progress, min_tokens)
 
-# %% ../nbs/10_train.ipynb #167e031f
+# %% ../nbs/10_train.ipynb #9679d86d
 RESUME_KEEP = ("device", "progress", "out_dir", "log_dir", "data_dir", "compile", "time_limit")
 RESUME_MAY_CHANGE = ("max_steps", "time_budget", "eval_every", "eval_batches", "save_every", "keep_last",
                      "sample_tokens", "ngram_order", "precision")
@@ -175,7 +175,7 @@ def plan(cfg:TrainConfig, # the settings as given
     merged = TrainConfig(**{**saved, **keep, "run_name": run.name, "resume": True, "init_from": "scratch"})
     return Plan(merged, run, resolve_device(merged.device), ckpt)
 
-# %% ../nbs/10_train.ipynb #febc48f2
+# %% ../nbs/10_train.ipynb #328772cc
 class TrainingDiverged(RuntimeError):
     "The loss or the gradient became non-finite (not bad input: the run itself failed)."
 
@@ -201,10 +201,10 @@ class TrainState:
         if improved: self.best_val = loss
         return improved
 
-    def save(self, run:Run, model, optimizer, cfg, keep_last:int) -> Path:
-        "Writes step checkpoint `run/step-NNNNNN/`: weights, settings, optimiser and this state."
+    def save(self, run:Run, model, optimizer, cfg, keep_last:int, **extra) -> Path:
+        "Writes step checkpoint `run/step-NNNNNN/`: weights, settings (`cfg`, `extra`), optimiser and this state."
         state = {**asdict(self), "optimizer": optimizer.state_dict()}
-        return run.save_step(model, state, self.step, keep_last, train=asdict(cfg), tokens=self.tokens)
+        return run.save_step(model, state, self.step, keep_last, train=asdict(cfg), tokens=self.tokens, **extra)
 
     @classmethod
     def load(cls, ckpt) -> tuple["TrainState", dict]:
@@ -221,7 +221,7 @@ def check_finite(loss:float, gnorm:float, step:int, run:Run):
     raise TrainingDiverged(f"{what} became {value} at step {step}; stopped without saving. Last good checkpoint: "
                            f"{last or 'none'} (lower --lr and resume with --resume --run-name {run.name})")
 
-# %% ../nbs/10_train.ipynb #371b50dd
+# %% ../nbs/10_train.ipynb #f30542f5
 def autocast(device, precision:str):
     "bf16 autocast for evaluating an fp32 model the way a bf16 run computes (a no-op for fp32)."
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
@@ -242,7 +242,7 @@ def evaluate(model, tokens, context_len:int, batch_size:int, max_batches:int, de
     finally: model.train(was_training)
     return total / len(idx)
 
-# %% ../nbs/10_train.ipynb #d81979f4
+# %% ../nbs/10_train.ipynb #60c86444
 def _split_windows(n:int, T:int, stride:int) -> list[tuple[int, int, int]]:
     "(start, end, scored) of the windows that score targets 1..n-1 of an n-token split exactly once."
     out, covered = [], 0
@@ -276,7 +276,7 @@ def bits_per(loss:float, tokens:int, units:int) -> float:
     "A loss in nats per token restated in bits per character (or byte): `units` of them in `tokens` tokens."
     return loss * tokens / units / math.log(2)
 
-# %% ../nbs/10_train.ipynb #c96644c8
+# %% ../nbs/10_train.ipynb #b7d3fcaa
 def baselines(train_ids, val_ids, vocab_size:int, order:int, cache_dir) -> dict:
     "The unigram entropy of `val_ids` and the Kneser-Ney n-gram losses of orders 1..`order` (nats/token)."
     out = {"unigram": unigram_entropy(val_ids)}
@@ -290,7 +290,7 @@ def best_baseline(b:dict) -> tuple[str, float]:
     "The name and loss of the strongest (lowest) baseline."
     return min(b.items(), key=lambda kv: kv[1])
 
-# %% ../nbs/10_train.ipynb #be2fbe42
+# %% ../nbs/10_train.ipynb #26aa43f1
 class Logger:
     "A run's output: progress bar, console lines (rank 0) and TensorBoard scalars."
     def __init__(self, log_dir:Path|None, total:float, initial:float, progress:bool, by_time:bool,
@@ -334,7 +334,7 @@ class Logger:
         self.bar.close()
         if self.tb is not None: self.tb.close()
 
-# %% ../nbs/10_train.ipynb #c50b0536
+# %% ../nbs/10_train.ipynb #c4a6d453
 def plot_losses(history:dict, path, # where the PNG goes
                 baselines:dict|None=None, # name -> loss (nats/token), drawn as horizontal lines
                 final:tuple|None=None, # (tokens, loss) of the final whole-split evaluation
@@ -372,7 +372,7 @@ def plot_losses(history:dict, path, # where the PNG goes
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/10_train.ipynb #c4c3141a
+# %% ../nbs/10_train.ipynb #6fec9d7a
 def fit(stepper:Stepper, batches, schedule:Schedule, state:TrainState, evaluate, save, log:Logger, run:Run,
         eval_every:int, save_every:int, tokens_per_step:int, seed:int, rank:int=0,
         stop=lambda state: None, clock=lambda dt: dt) -> TrainState:
@@ -397,7 +397,7 @@ def fit(stepper:Stepper, batches, schedule:Schedule, state:TrainState, evaluate,
             break
     return state
 
-# %% ../nbs/10_train.ipynb #23a2e007
+# %% ../nbs/10_train.ipynb #86b2db45
 def dist_env() -> tuple[int, int, int]:
     "(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 for a plain process)."
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
@@ -420,7 +420,7 @@ def _rank0_first(build, master:bool, world:int):
     if message is not None: raise UserError(message)
     return result if master else build()
 
-# %% ../nbs/10_train.ipynb #abb9bdee
+# %% ../nbs/10_train.ipynb #c864831e
 def _default_prompt(tokenizer:str) -> str:
     return "中国人民" if tokenizer == "cl100k_base" else "Every effort moves you"
 
@@ -450,7 +450,7 @@ def _new_model(cfg:TrainConfig, cache) -> DummyGPT:
     return DummyGPT(get_config(cfg.preset, tokenizer=cfg.tokenizer, vocab_ids=vocab, context_len=cfg.context_len,
                                **shape))
 
-# %% ../nbs/10_train.ipynb #191d24ff
+# %% ../nbs/10_train.ipynb #afec1070
 class Pretraining:
     "One pretraining job: its plan, model, data, step, baselines and logger; its methods are `fit`'s hooks."
     def __init__(self, cfg:TrainConfig, given:set|None=None):
@@ -473,7 +473,7 @@ class Pretraining:
         self.prompt, self.sample = c.sample_prompt or _default_prompt(self.model.cfg.tokenizer), ""
         self._start_log()
 
-# %% ../nbs/10_train.ipynb #d9eb0047
+# %% ../nbs/10_train.ipynb #48ccbe4f
 @patch
 def _load_model(self:Pretraining, cfg:TrainConfig, given):
     "The plan, and the model and state to start from: --init-from, resumed, or none yet (built with the data)."
@@ -527,7 +527,7 @@ def _start_log(self:Pretraining):
         self.log.say("baselines on the validation split: " +
                      ", ".join(f"{k} {v:.3f}" for k, v in self.baselines.items()) + " nats/token")
 
-# %% ../nbs/10_train.ipynb #4d2b98e5
+# %% ../nbs/10_train.ipynb #1a9594fc
 @patch
 def batches(self:Pretraining, step:int) -> list:
     "The micro-batches of `step` on this rank: batch numbers (step·W + rank)·A + a."
@@ -568,7 +568,7 @@ def clock(self:Pretraining, dt:float) -> float:
     dist.broadcast(t, 0)
     return t.item()
 
-# %% ../nbs/10_train.ipynb #272aec2a
+# %% ../nbs/10_train.ipynb #8c3b14d7
 @patch
 def finish(self:Pretraining) -> dict:
     "Scores the whole validation split, writes summary.json and the loss plots; returns the summary."
@@ -593,7 +593,7 @@ def finish(self:Pretraining) -> dict:
         plot_losses(st.history, d/"loss.png", shown, (st.tokens, final), val["tokens"] / val["characters"], title)
     return summary
 
-# %% ../nbs/10_train.ipynb #c91192d3
+# %% ../nbs/10_train.ipynb #d5e44cf6
 def train(cfg:TrainConfig, # the run's settings
           given:set|None=None, # the settings given on the command line (see `plan`)
          ) -> dict:
@@ -617,7 +617,7 @@ def train(cfg:TrainConfig, # the run's settings
     finally:
         if world > 1 and dist.is_initialized(): dist.destroy_process_group()
 
-# %% ../nbs/10_train.ipynb #e561da32
+# %% ../nbs/10_train.ipynb #e951ae2e
 DEMO = dict(preset="small", context_len=128, batch_size=16, time_budget=8.5, lr=2e-3, eval_every=250, eval_batches=20,
             save_every=500)
 
@@ -640,7 +640,7 @@ def config_from_args(argv=None) -> tuple[TrainConfig, set]:
         if "max_steps" in given: base.pop("time_budget")
     return TrainConfig(**{**base, **given}), set(given)
 
-# %% ../nbs/10_train.ipynb #7af14273
+# %% ../nbs/10_train.ipynb #8b3f0bb0
 def report(s:dict, cfg:TrainConfig) -> str:
     "The end-of-run report: the loss on three scales, against the baselines, and what to do next."
     b = s["baselines"]
@@ -684,5 +684,5 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-# %% ../nbs/10_train.ipynb #3105f367
+# %% ../nbs/10_train.ipynb #93c13bea
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.train`

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Talk to a saved GPT-2 in the terminal; `--help` lists the flags, `/help` the commands.
 
-All the logic is in `gpt2_demo.interactive` (nbs/07_interactive.ipynb); this file only starts it."""
+All the logic is in `gpt2_demo.interactive` (nbs/11_interactive.ipynb); this file only starts it (as does the
+`gpt2-chat` command)."""
 import sys
 from pathlib import Path
 

@@ -174,6 +174,7 @@ def test_help_lists_every_flag():
                  "--warmup-steps", "--eval-every", "--save-every", "--out-dir", "--log-dir", "--resume", "--init-from", "--seed",
                  "--precision", "--time-budget", "--compile", "--no-compile", "--demo"]:
         assert flag in r.stdout, flag
+    assert "peak learning rate (default: 0.001)" in " ".join(r.stdout.split())   # help text from the field comments
 
 
 # ---- --init-from: our checkpoint, or a Hugging Face save_pretrained folder -------------------------------------
