@@ -8,7 +8,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/interactive.html.md"""
 __all__ = ['PROMPT', 'Settings', 'parse_setting', 'run_command', 'load_model', 'describe', 'Session', 'ReplConfig', 'parser',
            'config_from_args', 'main']
 
-# %% ../nbs/11_interactive.ipynb #c8417a9e
+# %% ../nbs/11_interactive.ipynb #644b6061
 import math, os, re, signal, sys, time, typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -21,10 +21,10 @@ from .core import ConfigParser, UserError, _base_type, field_help, one_line, res
 from .model import DummyGPT
 from .checkpoint import latest_checkpoint, open_model
 from .generate import check_sampling, generate_stream, prepare_for_inference, default_inference_dtype, INFERENCE_DTYPES
-from .sft import ChatTemplate, chat_template
+from .tokenizer import ChatTemplate, chat_template
 from .tokenizer import ModelEncoding, StreamDecoder
 
-# %% ../nbs/11_interactive.ipynb #1bfbc3b1
+# %% ../nbs/11_interactive.ipynb #73303254
 @dataclass(frozen=True)
 class Settings:
     "Sampling settings of a session: each is a /command in the REPL and a --flag on the command line."
@@ -76,7 +76,7 @@ def parse_setting(name:str, # one of the `Settings` fields
     if isinstance(value, float) and not math.isfinite(value): raise UserError(f"{name} must be {what}, got {text!r}")
     return value
 
-# %% ../nbs/11_interactive.ipynb #c0abd926
+# %% ../nbs/11_interactive.ipynb #0aa93e63
 def _help() -> str:
     d, helps = Settings(), field_help(Settings)
     rows = [(f"/{f.name} {_syntax(f.name)}", f"{helps[f.name]} (default {_show(getattr(d, f.name))})") for f in fields(d)]
@@ -104,7 +104,7 @@ def run_command(line:str, # the line as typed, e.g. "/top_k 40"
         return new, f"{name} = {_show(getattr(new, name))}"
     raise UserError(f"unknown command /{name}; /help lists the commands")
 
-# %% ../nbs/11_interactive.ipynb #37f6216c
+# %% ../nbs/11_interactive.ipynb #e4b6e948
 def load_model(source=None, # a checkpoint or run folder, a Hugging Face folder or hub name (None: the newest under model_dir)
                model_dir="model", # where to find the newest checkpoint when no source is given
                device="cpu",    # where to put the model
@@ -133,7 +133,7 @@ def describe(model:DummyGPT, enc, source:str) -> str:
             f"tokenizer {enc.name}{vocab}, context {model.cfg.context_len}, device {w.device}, dtype {dtype}"
             + (f", chat template {template.name}" if template else ""))
 
-# %% ../nbs/11_interactive.ipynb #7a6bff9b
+# %% ../nbs/11_interactive.ipynb #4c5f18d3
 PROMPT = ">>> "
 
 class Session:
@@ -185,7 +185,7 @@ class Session:
         "The whole completion of `prompt` (the generated text only)."
         return "".join(self.stream(prompt))
 
-# %% ../nbs/11_interactive.ipynb #f2b84188
+# %% ../nbs/11_interactive.ipynb #7b0f5ed1
 def _put(f:TextIO, text:str):
     "Writes `text` and flushes it at once: the user sees each piece as it comes."
     f.write(text)
@@ -272,7 +272,7 @@ def repl(self:Session, read:Callable[[str], str]=input, # shows the prompt, retu
             return 0
         if not self.feed(line): return 0
 
-# %% ../nbs/11_interactive.ipynb #cb1ad449
+# %% ../nbs/11_interactive.ipynb #8b0e67a6
 @patch
 def script(self:Session, lines:Iterable[str], # prompts and commands, one per line (e.g. sys.stdin)
           ) -> int:
@@ -288,7 +288,7 @@ def script(self:Session, lines:Iterable[str], # prompts and commands, one per li
         else: self.run_prompt(line[1:] if line.startswith("//") else line, one_line=True, catch=False)
     return 0
 
-# %% ../nbs/11_interactive.ipynb #40f0e222
+# %% ../nbs/11_interactive.ipynb #05f8ed60
 @patch
 def chat_prompt(self:Session, text:str, # the user's new turn
                ) -> list[int]:
@@ -303,7 +303,7 @@ def chat_prompt(self:Session, text:str, # the user's new turn
         self.dropped += 1
     return head + [i for turn in self.history for i in turn] + tail
 
-# %% ../nbs/11_interactive.ipynb #c79d5523
+# %% ../nbs/11_interactive.ipynb #35fead0d
 @dataclass(frozen=True)
 class ReplConfig:
     "Which model to talk to, and how (the sampling settings are `Settings`)."
@@ -340,7 +340,7 @@ def config_from_args(argv=None) -> tuple[ReplConfig, Settings]:
     cfg, settings = ReplConfig(**p.given(ns, ReplConfig)), Settings(**p.given(ns, Settings))
     return cfg, replace(settings, temperature=0.0) if cfg.greedy else settings
 
-# %% ../nbs/11_interactive.ipynb #6b79deec
+# %% ../nbs/11_interactive.ipynb #5dabde5b
 def _history_file() -> Path|None:
     try: return Path.home()/".gpt2_demo_history"
     except RuntimeError: return None
@@ -396,5 +396,5 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
             return 0
     return run_cli(run)
 
-# %% ../nbs/11_interactive.ipynb #602b23b5
+# %% ../nbs/11_interactive.ipynb #24a1d8e7
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.interactive` (not in a notebook)
