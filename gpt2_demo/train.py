@@ -652,14 +652,18 @@ def report(s:dict, cfg:TrainConfig) -> str:
              f"whole run {s['seconds'] / 60:.1f} min" + (f"; stopped early: {s['stopped']}" if s["stopped"] else "")]
     if b:
         to_bpc = lambda v: bits_per(v, s["val_tokens"], s["val_characters"])
+        label = lambda k: "unigram (no context)" if k == "unigram" else f"Kneser-Ney {k[2:]}-gram"
         lines.append("baselines on the same tokens: " + ", ".join(
-            f"{'unigram (no context)' if k == 'unigram' else 'Kneser-Ney ' + k[2:] + '-gram'} {v:.3f}"
-            for k, v in b.items() if k in ("unigram", "kn3", "kn4", "kn5")) + " nats/token")
+            f"{label(k)} {v:.3f}" for k, v in b.items() if k in ("unigram", "kn3", "kn4", "kn5")) + " nats/token")
         name, v = best_baseline(b)
-        label = f"Kneser-Ney {name[2:]}-gram" if name.startswith("kn") else name
-        gap = v - s["val_loss"]
-        lines.append(f"{'BEATS' if gap > 0 else 'does NOT beat'} the best baseline, the {label} ({v:.3f} nats/token, "
-                     f"{to_bpc(v):.3f} bits/char), by {abs(gap):.3f} nats/token")
+        gap, verdict = v - s["val_loss"], ("BEATS" if v > s["val_loss"] else "does NOT beat")
+        lines.append(f"{verdict} the best baseline, the {label(name)} ({v:.3f} nats/token, {to_bpc(v):.3f} bits/char), "
+                     f"by {abs(gap):.3f} nats/token")
+        beaten = {k: w for k, w in b.items() if w > s["val_loss"]}
+        if gap <= 0 and beaten:                                   # say which baseline it does beat
+            k, w = best_baseline(beaten)
+            lines.append(f"it beats the {label(k)} ({w:.3f} nats/token, {to_bpc(w):.3f} bits/char) by "
+                         f"{w - s['val_loss']:.3f} nats/token")
     lines.append(f"sample: {s['sample']}")
     bindir = Path(sys.executable).parent
     if bindir.resolve().is_relative_to(Path.cwd().resolve()): bindir = Path(os.path.relpath(bindir))
