@@ -79,8 +79,10 @@ def parse_setting(name:str, # one of the `Settings` fields
 # %% ../nbs/11_interactive.ipynb #0aa93e63
 def _help() -> str:
     d, helps = Settings(), field_help(Settings)
-    rows = [(f"/{f.name} {_syntax(f.name)}", f"{helps[f.name]} (default {_show(getattr(d, f.name))})") for f in fields(d)]
-    rows += [("/greedy", "always take the most likely token (= /temperature 0)"), ("/settings", "show the current settings"),
+    rows = [(f"/{f.name} {_syntax(f.name)}", f"{helps[f.name]} (default {_show(getattr(d, f.name))})")
+            for f in fields(d)]
+    rows += [("/greedy", "always take the most likely token (= /temperature 0)"),
+             ("/settings", "show the current settings"),
              ("/reset", "chat mode: forget the conversation so far"), ("/help", "this list"),
              ("/quit", "leave (or Ctrl-D); Ctrl-C stops a running completion")]
     return "commands (a setting without a value shows it):\n" + "\n".join(f"  {a:<22}{b}" for a, b in rows)
@@ -105,7 +107,7 @@ def run_command(line:str, # the line as typed, e.g. "/top_k 40"
     raise UserError(f"unknown command /{name}; /help lists the commands")
 
 # %% ../nbs/11_interactive.ipynb #e4b6e948
-def load_model(source=None, # a checkpoint or run folder, a Hugging Face folder or hub name (None: the newest under model_dir)
+def load_model(source=None, # a checkpoint or run folder, a Hugging Face folder or hub name (None: newest in model_dir)
                model_dir="model", # where to find the newest checkpoint when no source is given
                device="cpu",    # where to put the model
                dtype="float32", # how to store it for decoding: float32, bfloat16, int8, or auto (the faster here)
@@ -307,13 +309,13 @@ def chat_prompt(self:Session, text:str, # the user's new turn
 @dataclass(frozen=True)
 class ReplConfig:
     "Which model to talk to, and how (the sampling settings are `Settings`)."
-    checkpoint:str|None = None     # our checkpoint folder, or a run folder (its newest checkpoint); default: the newest under --model-dir
+    checkpoint:str|None = None     # our checkpoint or run folder (its newest checkpoint); default: newest in MODEL_DIR
     hf:str|None = None             # a Hugging Face GPT-2 instead: a save_pretrained folder or a hub name such as gpt2
     model_dir:str = "model"        # where to look for the newest checkpoint
     prompt:str|None = None         # print the completion of PROMPT (not PROMPT itself) and exit
     greedy:bool = False            # always take the most likely token (= --temperature 0)
     device:str = "auto"            # auto (cuda if available), cpu, cuda or cuda:N
-    dtype:Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # weights for decoding; auto: bf16 or fp32, whichever is faster here
+    dtype:Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # decoding weights; auto: the faster of bf16, fp32
     chat:bool = False              # chat with a model fine-tuned by gpt2-sft: prompts are turns, history kept
     system:str|None = None         # chat: a system message at the start of the conversation
 
@@ -397,4 +399,4 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
     return run_cli(run)
 
 # %% ../nbs/11_interactive.ipynb #24a1d8e7
-if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.interactive` (not in a notebook)
+if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.interactive`

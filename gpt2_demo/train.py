@@ -618,8 +618,8 @@ def train(cfg:TrainConfig, # the run's settings
         if world > 1 and dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/10_train.ipynb #e951ae2e
-DEMO = dict(preset="small", context_len=128, batch_size=16, time_budget=8.5, lr=2e-3, eval_every=250, eval_batches=20,
-            save_every=500)
+DEMO = dict(preset="small", n_heads=2, context_len=128, batch_size=32, lr=3e-3, time_budget=9.0, eval_every=125,
+            eval_batches=20, save_every=500)   # chosen by the sweep in 15_recipes
 
 def parser() -> ConfigParser:
     "The command-line parser: one flag per `TrainConfig` field, plus `--demo`."
