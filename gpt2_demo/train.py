@@ -665,8 +665,8 @@ def report(s:dict, cfg:TrainConfig) -> str:
             lines.append(f"it beats the {label(k)} ({w:.3f} nats/token, {to_bpc(w):.3f} bits/char) by "
                          f"{w - s['val_loss']:.3f} nats/token")
     lines.append(f"sample: {s['sample']}")
-    bindir = Path(sys.executable).parent
-    if bindir.resolve().is_relative_to(Path.cwd().resolve()): bindir = Path(os.path.relpath(bindir))
+    bindir, rel = Path(sys.executable).parent, os.path.relpath(Path(sys.executable).parent)
+    if not rel.startswith(".."): bindir = Path(rel)                    # .venv/bin when run from the project
     lines += [f"\nTensorBoard: {bindir/'tensorboard'} --logdir {cfg.log_dir}    then open http://localhost:6006",
               f"Chat:        {bindir/'python'} interactive/interactive_generate.py --checkpoint {s['checkpoint']}"]
     return "\n".join(lines)
