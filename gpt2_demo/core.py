@@ -176,7 +176,8 @@ class ConfigParser(argparse.ArgumentParser):
             if f.name in skip or not f.init: continue
             flag, (t, optional) = "--" + f.name.replace("_", "-"), _base_type(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else None
-            h = (helps.get(f.name) or "") + ("" if default is None else f" (default: {default})")
+            h = helps.get(f.name) or ""
+            if default is not None and "(default" not in h: h += f" (default: {default})"   # unless it says its own
             if t is bool: target.add_argument(flag, action=argparse.BooleanOptionalAction, help=h)
             elif typing.get_origin(t) is Literal:
                 target.add_argument(flag, choices=typing.get_args(t), help=h)
