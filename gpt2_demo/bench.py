@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .core import ConfigParser, UserError, bf16_native, resolve_device, run_cli, _cpu_name
 from .model import DummyGPT, get_config
-from .checkpoint import find_checkpoints, load_checkpoint, read_config
+from .checkpoint import load_checkpoint, newest_pretrained, read_config
 from .generate import generate, prepare_for_inference, INFERENCE_DTYPES
 from .optim import PEAK_TFLOPS, Stepper, flops_per_token
 from .train import TrainConfig, evaluate
@@ -179,9 +179,8 @@ def quality(checkpoint=None, windows:int=64, device="cpu") -> dict|None:
     "Held-out perplexity of a trained checkpoint (default: the newest pretraining one) in each inference precision."
     if checkpoint: ckpt = Path(checkpoint)
     else:                                 # fine-tuned models (classifiers, SFT) were not trained on a token cache
-        found = [c for c in find_checkpoints("model") if (d := read_config(c)).get("kind") == "lm" and d.get("train")]
-        if not found: return None                              # nothing pretrained here yet
-        ckpt = found[-1]
+        try: ckpt = newest_pretrained("model")
+        except UserError: return None                          # nothing pretrained here yet
     saved = read_config(ckpt).get("train")
     if not saved: return None
     cfg = TrainConfig(**saved)

