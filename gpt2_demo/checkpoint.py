@@ -174,10 +174,10 @@ def latest_checkpoint(root="model") -> Path:
     return found[-1]
 
 def newest_pretrained(root="model") -> Path:
-    "The newest pretrained language model under `root` (kind lm, no chat template); `UserError` if there is none."
+    "The newest pretrained language model under `root` (kind lm, no chat template, no `stage`); else `UserError`."
     for d in reversed(find_checkpoints(root)):
-        c = read_config(d)
-        if c.get("kind", "lm") == "lm" and "chat_template" not in c: return d
+        c = read_config(d)                 # `stage`: a step inside another job (a classifier's adaptation)
+        if c.get("kind", "lm") == "lm" and "chat_template" not in c and "stage" not in c: return d
     raise UserError(f"no pretrained language model under {root}/; train one (`make demo`) or pass --init-from MODEL")
 
 # %% ../nbs/06_checkpoint.ipynb #904b787d

@@ -548,7 +548,8 @@ def adapt(body:DummyGPT, # the language model (a classifier's body), trained in 
         train = f"train LM loss {state.history['train'][-1][2]:.3f} | " if state.history["train"] else ""
         log.say(f"{name} step {state.step:>5} | {train}val LM loss {loss:.3f} | {state.seconds / 60:.1f} min")
 
-    def on_save(state:TrainState): state.save(run, body, stepper.opt, cfg, cfg.keep_last)
+    def on_save(state:TrainState):                         # `stage`: not a pretrained model for other commands
+        state.save(run, body, stepper.opt, cfg, cfg.keep_last, stage="adapt")
 
     if state.step == 0: on_eval(state)                     # where the adaptation starts from
     try: fit(stepper, lambda step: [sampler.batch(step, device)], sched, state, on_eval, on_save, log, run,

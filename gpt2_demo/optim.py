@@ -1,4 +1,4 @@
-"""The training step: schedule (steps or time budget), AdamW, a lean cross-entropy, fp32 or bf16 `Stepper`.
+"""The training step: schedule (steps or time budget), AdamW and Muon, a lean cross-entropy, fp32 or bf16 `Stepper`.
 
 Docs: https://gpt2-demo.github.io/gpt2_demo/optim.html.md"""
 
@@ -80,7 +80,7 @@ def configure_optimizer(model:torch.nn.Module, weight_decay:float=0.1,
 # %% ../nbs/09_optim.ipynb #4e8fd910
 def orthogonalize(G:torch.Tensor, # (..., m, n): one matrix, or a stack of matrices of one shape
                   steps:int=5, dtype=torch.bfloat16) -> torch.Tensor:
-    "About `U·Vᵀ` of each matrix `G = U·S·Vᵀ`: quintic Newton–Schulz steps in `dtype` (singular values to ~[0.7, 1.2])."
+    "About `U·Vᵀ` of each matrix `G = U·S·Vᵀ`: quintic Newton–Schulz steps (singular values to ~[0.7, 1.2])."
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
@@ -189,7 +189,7 @@ def pick_precision(precision:str, # auto, fp32 or bf16
 
 # %% ../nbs/09_optim.ipynb #773ef87d
 class Stepper:
-    "Forward, backward and the update (AdamW, or Muon + AdamW) of `model` (the fp32 master): fp32, or bf16 + fp32 master."
+    "Forward, backward and update (AdamW, or Muon + AdamW) of `model` (the fp32 master): fp32, or bf16 + fp32 master."
     def __init__(self, model:torch.nn.Module,
                  loss_fn=lm_loss, # `loss_fn(model, *batch)` -> scalar loss
                  precision:str="fp32", # fp32 or bf16
