@@ -625,7 +625,7 @@ def train(cfg:TrainConfig, # the run's settings
         if world > 1 and dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/10_train.ipynb #e951ae2e
-DEMO = dict(preset="small", n_heads=2, context_len=128, batch_size=32, lr=3e-3, optimizer="muon", muon_lr=0.02,
+DEMO = dict(preset="small", n_heads=2, context_len=128, batch_size=32, lr=3e-3, optimizer="muon", muon_lr=0.014,
             time_budget=9.0, eval_every=125, eval_batches=20, save_every=500)   # chosen by the sweep in 15_recipes
 
 def parser() -> ConfigParser:
