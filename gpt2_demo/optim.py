@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .core import PRECISIONS, UserError, faster_precision
+from .layers import TransformerBlock
 from .model import pad_vocab
 
 # %% ../nbs/09_optim.ipynb #873012bc
@@ -93,7 +94,6 @@ def orthogonalize(G:torch.Tensor, # (..., m, n): one matrix, or a stack of matri
 
 def hidden_matrices(model:torch.nn.Module) -> list:
     "The 2-D weights inside `model`'s transformer blocks (Muon's share of the parameters)."
-    from gpt2_demo.layers import TransformerBlock
     return [p for m in model.modules() if isinstance(m, TransformerBlock) for p in m.parameters() if p.dim() == 2]
 
 class Muon(torch.optim.Optimizer):
