@@ -6,11 +6,11 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/classify.html.md"""
 
 # %% auto #0
 __all__ = ['REVIEWS', 'LABELLED_TYPES', 'SPLITS', 'RESUME_KEEP', 'RESUME_MAY_CHANGE', 'Labelled', 'dedupe', 'load_reviews',
-           'read_labelled', 'load_labelled', 'split_of', 'split', 'class_names', 'encode_texts', 'raw_byte_share',
-           'check_tokenizer', 'GPTClassifier', 'pad_batch', 'set_trainable', 'EpochBatches', 'classify_loss',
-           'class_log_probs', 'evaluate_texts', 'ClassifyConfig', 'plan', 'finetune', 'text_stream', 'adapt',
-           'majority_baseline', 'tfidf_baseline', 'Job', 'prepare', 'classify', 'table', 'predict', 'open_classifier',
-           'parser', 'report', 'main']
+           'read_labelled', 'load_labelled', 'split_of', 'split', 'class_names', 'encode_texts', 'window_starts',
+           'window', 'windows', 'raw_byte_share', 'check_tokenizer', 'GPTClassifier', 'pad_batch', 'set_trainable',
+           'EpochBatches', 'classify_loss', 'class_log_probs', 'evaluate_texts', 'ClassifyConfig', 'plan', 'finetune',
+           'text_stream', 'adapt', 'majority_baseline', 'tfidf_baseline', 'Job', 'prepare', 'classify', 'table',
+           'predict', 'open_classifier', 'parser', 'report', 'main']
 
 # %% ../nbs/13_classify.ipynb #7eafb8a0
 import csv, datetime, hashlib, io, json, math, sys, time
@@ -168,17 +168,33 @@ def class_names(parts:dict, # split → (texts, labels), from `split`
 
 # %% ../nbs/13_classify.ipynb #ac86dcf7
 def encode_texts(enc, # the model's encoding (`cfg.encoding`)
-                 texts, max_len:int, # at most this many tokens for each text, `end` included
-                 end:int|None=None, # the id each text ends with (the end-of-text marker), or None
-                ) -> tuple:
-    "(each text's last tokens then `end`, as int64 arrays of at most `max_len`; how many texts were cut)."
-    keep, tail = max_len - (end is not None), [] if end is None else [end]
-    seqs, cut = [], 0
-    for t in texts:
-        ids = enc.encode_ordinary(t)
-        cut += len(ids) > keep
-        seqs.append(np.asarray(ids[max(0, len(ids) - keep):] + tail, dtype=np.int64))
-    return seqs, cut
+                 texts, end:int|None=None, # the id each text ends with (the end-of-text marker), or None
+                ) -> list:
+    "Each text's ids, then `end`, as int64 arrays: the whole text (`windows` cuts what a model reads at once)."
+    tail = [] if end is None else [end]
+    return [np.asarray(enc.encode_ordinary(t) + tail, dtype=np.int64) for t in texts]
+
+def window_starts(n:int, # tokens of a text
+                  k:int, # tokens a window holds
+                 ) -> list:
+    "Where the windows of at most `k` tokens that cover `n` tokens start: back to back, the last one at the end."
+    return [0] if n <= k else list(range(0, n - k, k)) + [n - k]
+
+def window(seq, # a text's ids, ending with `end` when there is one
+           start:int, # where the window starts in the text (its tokens before `end`)
+           max_len:int, end:int|None=None) -> np.ndarray:
+    "The window of at most `max_len` tokens of `seq` from `start`, closed by `end` (but for None)."
+    body, tail = (seq, []) if end is None else (seq[:-1], [end])
+    return np.asarray(list(body[start:start + max_len - len(tail)]) + tail, dtype=np.int64)
+
+def windows(seq, # a text's ids, ending with `end` when there is one (`encode_texts`)
+            max_len:int, # tokens read at once (the context), `end` included
+            end:int|None=None, # the end-of-text id each window ends with, or None
+            whole:bool=True, # all the windows that cover the text; False: only its last (the end of the text)
+           ) -> list:
+    "What a model with context `max_len` reads of `seq`: its windows, each (but for None) closed by `end`."
+    starts = window_starts(len(seq) - (end is not None), max_len - (end is not None))
+    return [window(seq, a, max_len, end) for a in (starts if whole else starts[-1:])]
 
 # %% ../nbs/13_classify.ipynb #1cf45d5a
 def raw_byte_share(enc, seqs) -> float:
@@ -206,11 +222,13 @@ class GPTClassifier(nn.Module):
     def __init__(self, body:DummyGPT, # the transformer (its LM head is not used)
                  labels:list, # the class labels, in class-id order
                  end_token:bool=True, # texts end with <|endoftext|>, whose state the head reads
+                 whole_text:bool=True, # a text longer than the context is read in windows (False: its end)
                 ):
         super().__init__()
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise UserError(f"a classifier needs two or more distinct labels, got {labels!r}")
         self.body, self.labels, self.end_token = body, [str(l) for l in labels], bool(end_token)
+        self.whole_text = bool(whole_text)
         if not body.cfg.tie_weights: body.out_head = None          # an untied LM head is dead weight here
         self.head = nn.Linear(body.cfg.emb_dim, len(labels))
         nn.init.normal_(self.head.weight, std=0.02)
@@ -219,11 +237,18 @@ class GPTClassifier(nn.Module):
     @property
     def cfg(self) -> GPTConfig: return self.body.cfg
 
-    def encode(self, texts, max_len:int|None=None) -> tuple:
-        "(the ids this classifier reads for each text, at most `max_len` (the context); how many were cut)."
-        enc = self.cfg.encoding
-        end = enc.eot_token if self.end_token else None
-        return encode_texts(enc, texts, max_len or self.cfg.context_len, end)
+    @property
+    def end(self) -> int|None:
+        "The id that ends each text and window (the end-of-text marker), or None."
+        return self.cfg.encoding.eot_token if self.end_token else None
+
+    def encode(self, texts) -> list:
+        "Each text's whole ids as this classifier reads them (`encode_texts`; `windows` cuts them to the context)."
+        return encode_texts(self.cfg.encoding, texts, self.end)
+
+    def windows(self, seq, max_len:int|None=None) -> list:
+        "What this classifier reads of `seq` (from `encode`) with `max_len` tokens at once (default: the context)."
+        return windows(seq, max_len or self.cfg.context_len, self.end, self.whole_text)
 
     def forward(self, idx:torch.Tensor, # (B, T) token ids, each text padded on the right
                 lengths:torch.Tensor, # (B,) the number of real tokens of each text
@@ -234,14 +259,16 @@ class GPTClassifier(nn.Module):
         return self.head(last)                                                   # (B, n_classes)
 
     def config_dict(self) -> dict:
-        return {"gpt": asdict(self.body.cfg), "labels": self.labels, "end_token": self.end_token}
+        return {"gpt": asdict(self.body.cfg), "labels": self.labels, "end_token": self.end_token,
+                "whole_text": self.whole_text}
 
     @classmethod
     def from_config_dict(cls, d:dict) -> "GPTClassifier":
         "The (untrained) classifier a checkpoint's `config_dict` describes."
         if not (isinstance(d, dict) and isinstance(d.get("gpt"), dict) and isinstance(d.get("labels"), list)):
             raise UserError("not a classifier config (expected the fields gpt and labels)")
-        return cls(DummyGPT(GPTConfig(**d["gpt"])), d["labels"], d.get("end_token", False))
+        return cls(DummyGPT(GPTConfig(**d["gpt"])), d["labels"], d.get("end_token", False),
+                   d.get("whole_text", False))
 
     def num_params(self) -> int: return sum(p.numel() for p in self.parameters())
 
@@ -268,29 +295,44 @@ def set_trainable(model:GPTClassifier, train_blocks:int|None) -> int:
 # %% ../nbs/13_classify.ipynb #b00f0cd1
 class EpochBatches:
     "Training batches by step number: epoch `e` is a permutation seeded by (seed, e), grouped by length."
-    def __init__(self, seqs, # token ids of each text (arrays)
+    def __init__(self, seqs, # token ids of each text (arrays, `encode_texts`)
                  labels, # class id of each text
                  batch_size:int, seed:int, pad_id:int,
+                 max_len:int|None=None, # tokens read of a text at once (None: all of it)
+                 end:int|None=None, # the id that ends each text and window, or None
+                 whole:bool=True, # a longer text: a window from anywhere in it, drawn per epoch (False: its end)
                  bucket:int=16, # sort texts by length within runs of this many batches (1: no grouping)
                 ):
         self.seqs, self.y = seqs, np.asarray(labels, dtype=np.int64)
-        self.lens = np.array([len(s) for s in seqs])
-        self.batch_size, self.seed, self.pad_id, self.bucket = batch_size, seed, pad_id, bucket
+        full = np.array([len(s) for s in seqs])
+        self.max_len = int(full.max()) if max_len is None else max_len
+        self.lens = np.minimum(full, self.max_len)                         # what a step reads of each text
+        self.room = full - self.lens                                       # how far a window can start in
+        self.batch_size, self.seed, self.pad_id, self.end = batch_size, seed, pad_id, end
+        self.whole, self.bucket = whole, bucket
         self.per_epoch = math.ceil(len(seqs) / batch_size)
         self.tokens_per_step = round(float(self.lens.mean()) * batch_size)   # real tokens in an average batch
-        self._cached = (None, None)
+        self._cached = (None, None, None)
 
     def epoch(self, e:int) -> list:
         "The batches of epoch `e`, as arrays of text indices."
-        if self._cached[0] == e: return self._cached[1]
+        return self._epoch(e)[0]
+
+    def starts(self, e:int) -> np.ndarray:
+        "Where the window each text is read through starts in epoch `e` (0 for a text that fits)."
+        return self._epoch(e)[1]
+
+    def _epoch(self, e:int) -> tuple:
+        if self._cached[0] == e: return self._cached[1:]
         rng = np.random.default_rng([self.seed, e])
         perm, size = rng.permutation(len(self.seqs)), self.batch_size * self.bucket
         chunks = [perm[i:i + size] for i in range(0, len(perm), size)]
         chunks = [c[np.argsort(self.lens[c], kind="stable")] for c in chunks]
         batches = [c[i:i + self.batch_size] for c in chunks for i in range(0, len(c), self.batch_size)]
         batches = [batches[i] for i in rng.permutation(len(batches))]
-        self._cached = (e, batches)
-        return batches
+        starts = (rng.random(len(self.seqs)) * (self.room + 1)).astype(np.int64) if self.whole else self.room
+        self._cached = (e, batches, starts)
+        return batches, starts
 
     def indices(self, step:int) -> np.ndarray:
         "The text indices of (0-based) step `step`."
@@ -299,8 +341,8 @@ class EpochBatches:
 
     def batch(self, step:int, device="cpu") -> tuple:
         "(ids, lengths, labels) of step `step`, on `device`."
-        idx = self.indices(step)
-        x, lengths = pad_batch([self.seqs[i] for i in idx], self.pad_id)
+        idx, starts = self.indices(step), self.starts(step // self.per_epoch)
+        x, lengths = pad_batch([window(self.seqs[i], starts[i], self.max_len, self.end) for i in idx], self.pad_id)
         return x.to(device), lengths.to(device), torch.from_numpy(self.y[idx]).to(device)
 
 # %% ../nbs/13_classify.ipynb #b5d6c0eb
@@ -309,26 +351,36 @@ def classify_loss(model:GPTClassifier, x:torch.Tensor, lengths:torch.Tensor, y:t
     return F.cross_entropy(model(x, lengths).float(), y)
 
 @torch.no_grad()
-def class_log_probs(model:GPTClassifier, seqs, batch_size:int=64, device="cpu", precision:str="fp32"
+def class_log_probs(model:GPTClassifier, seqs, batch_size:int=64, device="cpu", precision:str="fp32",
+                    max_len:int|None=None, # tokens read at once (default: the model's context)
                    ) -> torch.Tensor:
-    "Log-probabilities (N, n_classes) of the classes of each text, computed in batches of similar lengths."
-    device, out = torch.device(device), torch.empty(len(seqs), len(model.labels))
-    order = np.argsort([len(s) for s in seqs], kind="stable")
+    "Log-probabilities (N, n_classes) of each text's classes, from the mean scores of its windows (`model.windows`)."
+    wins, owner = [], []
+    for i, s in enumerate(seqs):
+        w = model.windows(s, max_len)
+        wins += w
+        owner += [i] * len(w)
+    device, scores = torch.device(device), torch.empty(len(wins), len(model.labels))
+    order = np.argsort([len(w) for w in wins], kind="stable")
     was_training = model.training
     model.eval()
     try:
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            x, lengths = pad_batch([seqs[j] for j in idx], model.cfg.encoding.eot_token)
-            with autocast(device, precision): scores = model(x.to(device), lengths.to(device))
-            out[torch.from_numpy(idx)] = scores.float().log_softmax(-1).cpu()
+            x, lengths = pad_batch([wins[j] for j in idx], model.cfg.encoding.eot_token)
+            with autocast(device, precision): out = model(x.to(device), lengths.to(device))
+            scores[torch.from_numpy(idx)] = out.float().cpu()
     finally: model.train(was_training)
-    return out
+    owner = torch.tensor(owner, dtype=torch.long)
+    mean = torch.zeros(len(seqs), scores.shape[1]).index_add_(0, owner, scores) \
+           / torch.bincount(owner, minlength=len(seqs))[:, None]
+    return mean.log_softmax(-1)
 
-def evaluate_texts(model:GPTClassifier, seqs, labels, batch_size:int=64, device="cpu", precision:str="fp32"
-                  ) -> dict:
+def evaluate_texts(model:GPTClassifier, seqs, labels, batch_size:int=64, device="cpu", precision:str="fp32",
+                   max_len:int|None=None) -> dict:
     "Mean loss and accuracy of `model` on texts `seqs` with class ids `labels`, and the class probabilities."
-    logp, y = class_log_probs(model, seqs, batch_size, device, precision), torch.as_tensor(labels)
+    logp = class_log_probs(model, seqs, batch_size, device, precision, max_len)
+    y = torch.as_tensor(labels)
     return dict(loss=F.nll_loss(logp, y).item(), accuracy=(logp.argmax(-1) == y).double().mean().item(),
                 probs=logp.exp().numpy())
 
@@ -344,8 +396,9 @@ class ClassifyConfig:
     # model
     init_from:str|None = None        # model to fine-tune (default: the newest language model under OUT_DIR)
     train_blocks:int|None = None     # train the head, final norm and last N blocks (0: head, norm; off: all)
-    context_len:int|None = None      # tokens kept of each text, from its end (default: the model's context)
+    context_len:int|None = None      # tokens read at once (default: the model's context)
     end_token:bool = True            # end each text with <|endoftext|> and classify from its state
+    whole_text:bool = True           # read a longer text in windows (one at random in training, all in evaluation)
     drop_rate:float|None = None      # dropout while fine-tuning (default: the model's)
     max_byte_share:float = 0.5       # refuse a model that spells more of the data's tokens as raw bytes
     # adapting the language model to the texts first (task-adaptive pretraining; labels unused)
@@ -464,7 +517,7 @@ def plan(cfg:ClassifyConfig, given:set|None=None) -> tuple:
                             f"--resume")
         run = max(runs, key=lambda r: _resume_point(r).stat().st_mtime)
     resume_from = _resume_point(run)
-    saved = read_config(resume_from)["train"]
+    saved = {"whole_text": False} | read_config(resume_from)["train"]     # runs from before windows: ends
     keep = {k: getattr(cfg, k) for k in RESUME_KEEP + tuple(k for k in RESUME_MAY_CHANGE if k in given)}
     try: merged = ClassifyConfig(**{**saved, **keep, "run_name": run.name, "resume": True, "init_from": None})
     except TypeError as e:
@@ -496,7 +549,7 @@ def finetune(model:GPTClassifier, run:Run, cfg:ClassifyConfig,
     log = Logger(log_dir, sched.max_steps, state.step, cfg.progress, False, purge_step=state.step)
 
     def on_eval(state:TrainState):
-        r = evaluate_texts(model, *val, 2 * cfg.batch_size, device, precision)
+        r = evaluate_texts(model, *val, 2 * cfg.batch_size, device, precision, batches.max_len)
         best = _record_val(state, r, cfg.best_by)
         if best:
             run.save_best(model, train=asdict(cfg), step=state.step, val_loss=r["loss"],
@@ -626,7 +679,7 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     names = class_names(parts, cfg.labels, data.source)
     if model is None:
         torch.manual_seed(cfg.seed)                        # the head's initial weights
-        model = GPTClassifier(body, names, cfg.end_token)
+        model = GPTClassifier(body, names, cfg.end_token, cfg.whole_text)
     elif names != model.labels:
         raise UserError(f"the data's labels {names} differ from the run's {model.labels}; resume with the "
                         f"same data")
@@ -637,10 +690,9 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     T = cfg.context_len or model.cfg.context_len
     if T > model.cfg.context_len:
         raise UserError(f"--context-len {T} exceeds the model's context {model.cfg.context_len}")
-    seqs, ys, cut = {}, {}, 0
-    for s in SPLITS:
-        seqs[s], n = model.encode(parts[s][0], T)
-        ys[s], cut = [names.index(l) for l in parts[s][1]], cut + n
+    seqs = {s: model.encode(parts[s][0]) for s in SPLITS}
+    ys = {s: [names.index(l) for l in parts[s][1]] for s in SPLITS}
+    long = sum(len(x) > T for s in SPLITS for x in seqs[s])
     share = check_tokenizer(model.cfg.encoding, seqs["train"], cfg.max_byte_share)
     streams = {s: text_stream(model.cfg.encoding, parts[s][0]) for s in ("train", "val")} if cfg.adapt_epochs else {}
     if streams and len(streams["train"]) <= T:
@@ -649,7 +701,7 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     info = dict(source=data.source, init_from=source, records=data.records, empty=data.empty,
                 duplicates=data.duplicates, conflicts=data.conflicts, texts=len(data),
                 splits={s: len(parts[s][0]) for s in SPLITS}, labels=names, context_len=T,
-                end_token=model.end_token, truncated=cut,
+                end_token=model.end_token, whole_text=model.whole_text, long_texts=long,
                 raw_byte_share=round(share, 4), hash=_data_hash(parts))
     if saved is not None and saved["hash"] != info["hash"]:
         raise UserError(f"the data differs from what run {run.name} was trained on; resume with that data")
@@ -658,11 +710,11 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     return Job(cfg, run, resume_from, device, model, parts, seqs, ys, info, streams)
 
 # %% ../nbs/13_classify.ipynb #05b10d3d
-def _score(path, seqs:dict, ys:dict, batch_size:int, device, precision:str) -> dict:
+def _score(path, seqs:dict, ys:dict, batch_size:int, device, precision:str, max_len:int) -> dict:
     "Validation and test loss and accuracy of the checkpoint at `path` (a run's `best/`)."
     model, out = load_checkpoint(path, device), dict(best_step=read_config(path).get("step"))
     for s in ("val", "test"):
-        r = evaluate_texts(model, seqs[s], ys[s], 2 * batch_size, device, precision)
+        r = evaluate_texts(model, seqs[s], ys[s], 2 * batch_size, device, precision, max_len)
         out |= {f"{s}_accuracy": r["accuracy"], f"{s}_loss": r["loss"]}
     return out
 
@@ -679,11 +731,12 @@ def _adapt_stage(job:Job, model:GPTClassifier, run:Run, part:str) -> dict:
 
 def _fine_tune_and_score(job:Job, model:GPTClassifier, run:Run, train_blocks:int|None, part:str) -> tuple:
     "Fine-tunes `model` in `run` (from its last checkpoint, if any): (its best/'s scores, training minutes)."
-    c, seqs, ys = job.cfg, job.seqs, job.ys
-    batches = EpochBatches(seqs["train"], ys["train"], c.batch_size, c.seed, model.cfg.encoding.eot_token)
+    c, seqs, ys, T = job.cfg, job.seqs, job.ys, job.info["context_len"]
+    batches = EpochBatches(seqs["train"], ys["train"], c.batch_size, c.seed, model.cfg.encoding.eot_token, T,
+                           model.end, model.whole_text)
     state = finetune(model, run, c, train_blocks, batches, (seqs["val"], ys["val"]), job.device, c.precision,
                      Path(c.log_dir)/job.run.name/part, run.latest(), part)
-    scores = dict(steps=state.step, **_score(run.best, seqs, ys, c.batch_size, job.device, c.precision))
+    scores = dict(steps=state.step, **_score(run.best, seqs, ys, c.batch_size, job.device, c.precision, T))
     return scores, round(state.seconds / 60, 2)
 
 def classify(cfg:ClassifyConfig, # the run's settings
@@ -700,9 +753,12 @@ def classify(cfg:ClassifyConfig, # the run's settings
     say(f"split by a hash of the text: {sizes} | labels {', '.join(m.labels)}")
     say(f"model {info['init_from']}: {m.num_params():,} params, context {info['context_len']}, "
         f"{m.cfg.encoding.name} ({info['raw_byte_share']:.0%} of the tokens raw bytes)")
-    if info["truncated"]:
+    if info["long_texts"] and info["whole_text"]:
+        say(f"{info['long_texts']:,} of {info['texts']:,} texts are longer than the context: read in windows "
+            f"of it (training: one at random each epoch; evaluation: all, their scores averaged)")
+    elif info["long_texts"]:
         kept = info["context_len"] - info["end_token"]
-        say(f"{info['truncated']:,} of {info['texts']:,} texts are longer than the context: each keeps its "
+        say(f"{info['long_texts']:,} of {info['texts']:,} texts are longer than the context: each keeps its "
             f"last {kept} tokens")
     run.recover()
     run.write_json("data.json", info)
@@ -726,7 +782,7 @@ def classify(cfg:ClassifyConfig, # the run's settings
         rand.recover()
         torch.manual_seed(cfg.seed)                        # the same seed, a random body (replaced on resume)
         model = (load_checkpoint(rand.latest()) if rand.latest()
-                 else GPTClassifier(DummyGPT(m.cfg), m.labels, m.end_token))
+                 else GPTClassifier(DummyGPT(m.cfg), m.labels, m.end_token, m.whole_text))
         adapted = _adapt_stage(job, model, rand, "random") if adapting else None
         results["random"], train_minutes["random"] = _fine_tune_and_score(job, model, rand, None, "random")
         if adapted: results["random"]["adapted"] = adapted
@@ -751,8 +807,7 @@ def table(summary:dict) -> str:
 # %% ../nbs/13_classify.ipynb #6c8592fc
 def predict(model:GPTClassifier, texts, device="cpu", batch_size:int=64) -> list:
     "(label, probability) of the most likely class of each text."
-    seqs, _ = model.encode(texts)
-    p, k = class_log_probs(model, seqs, batch_size, device).exp().max(-1)
+    p, k = class_log_probs(model, model.encode(texts), batch_size, device).exp().max(-1)
     return [(model.labels[i], v) for i, v in zip(k.tolist(), p.tolist())]
 
 def open_classifier(path=None, # a classifier checkpoint or run folder (its best/); None: the newest

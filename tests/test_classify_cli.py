@@ -66,11 +66,12 @@ def test_run_table_checkpoint_predict(tmp_path, setup):
     n = len(setup["pairs"])
     assert s["data"]["texts"] == n and sum(s["data"]["splits"].values()) == n
     assert s["table"] in r.stdout and "| majority class" in r.stdout and "random initialisation" in r.stdout
-    # the texts longer than the context: said once, with their number
-    n_long = s["data"]["truncated"]
+    # the texts longer than the context: said once, with their number (read in windows, by default)
+    n_long = s["data"]["long_texts"]
     said = [l for l in r.stdout.splitlines() if "longer than the context" in l]
-    assert n_long > 0 and said == [f"{n_long:,} of {n:,} texts are longer than the context: each keeps its "
-                                   f"last 31 tokens"]
+    assert n_long > 0 and said == [f"{n_long:,} of {n:,} texts are longer than the context: read in windows "
+                                   f"of it (training: one at random each epoch; evaluation: all, their scores "
+                                   f"averaged)"]
     # best/ is a classifier checkpoint that reloads, scoring what the summary says
     model = load_checkpoint(run / "best")
     assert isinstance(model, GPTClassifier) and model.labels == ["negative", "positive"]
@@ -100,10 +101,14 @@ def test_user_file_any_labels(tmp_path, setup, kind):
     else:
         data = tmp_path / "d.json"
         data.write_text(json.dumps([{"review": t, "verdict": l} for t, l in pairs], ensure_ascii=False))
+    whole = ["--no-whole-text"] if kind == "json" else []     # json: each long text keeps its end instead
     r = classify(*run_args(setup, tmp_path, "--text-field", "review", "--label-field", "verdict", "--labels",
-                           "好评,差评", "--no-random-init", "--epochs", "1", data=data))
+                           "好评,差评", "--no-random-init", "--epochs", "1", *whole, data=data))
     assert r.returncode == 0, r.stderr
-    assert load_checkpoint(tmp_path / "model" / "r" / "best").labels == ["好评", "差评"]
+    model = load_checkpoint(tmp_path / "model" / "r" / "best")
+    assert model.labels == ["好评", "差评"] and model.whole_text == (kind == "csv")
+    said = [l for l in r.stdout.splitlines() if "longer than the context" in l]
+    assert len(said) == 1 and (("each keeps its last 31 tokens" in said[0]) == (kind == "json"))
     assert "random initialisation" not in r.stdout and not (tmp_path / "model" / "r" / "random").exists()
 
 
