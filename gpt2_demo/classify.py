@@ -410,7 +410,9 @@ class ClassifyConfig:
     batch_size:int = 32              # texts per step (windows per step while adapting)
     epochs:float = 1.0               # passes over the training split
     max_steps:int|None = None        # optimiser steps (default: epochs × steps per epoch)
-    lr:float = 3e-4                  # peak learning rate
+    lr:float = 3e-4                  # peak learning rate (AdamW's)
+    optimizer:Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr:float = 0.003            # Muon's peak learning rate (with --optimizer muon)
     min_lr:float|None = None         # final learning rate of the cosine decay (default lr/10)
     warmup_steps:int|None = None     # linear warm-up steps (default: a twentieth of the run)
     weight_decay:float = 0.01        # AdamW weight decay (2-D weights only)
@@ -446,11 +448,11 @@ class ClassifyConfig:
                 bad(f"{flag(f)} must be an integer >= 0, got {v!r}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             bad(f"--epochs must be a positive number, got {self.epochs}")
-        for f in ("lr", "adapt_lr", "adapt_muon_lr"):
+        for f in ("lr", "muon_lr", "adapt_lr", "adapt_muon_lr"):
             v = getattr(self, f)
             if not (math.isfinite(v) and v > 0): bad(f"{flag(f)} must be a positive number, got {v}")
-        if self.adapt_optimizer not in OPTIMIZERS:
-            bad(f"--adapt-optimizer must be adamw or muon, got {self.adapt_optimizer!r}")
+        for f in ("optimizer", "adapt_optimizer"):
+            if getattr(self, f) not in OPTIMIZERS: bad(f"{flag(f)} must be adamw or muon, got {getattr(self, f)!r}")
         if not (math.isfinite(self.adapt_epochs) and self.adapt_epochs >= 0):
             bad(f"--adapt-epochs must be a number >= 0, got {self.adapt_epochs}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
@@ -547,7 +549,8 @@ def finetune(model:GPTClassifier, run:Run, cfg:ClassifyConfig,
     "Trains `model` with `fit`: step checkpoints and `best/` in `run`; returns the final state."
     state, opt_state = TrainState.load(resume_from) if resume_from else (TrainState(), None)
     set_trainable(model, train_blocks)
-    stepper = Stepper(model.to(device).train(), classify_loss, precision, cfg.weight_decay, cfg.grad_clip)
+    stepper = Stepper(model.to(device).train(), classify_loss, precision, cfg.weight_decay, cfg.grad_clip,
+                      optimizer=cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr)
     if opt_state is not None: stepper.opt.load_state_dict(opt_state)
     sched = cfg.schedule(batches.per_epoch)
     log = Logger(log_dir, sched.max_steps, state.step, cfg.progress, False, purge_step=state.step)
@@ -715,6 +718,9 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     return Job(cfg, run, resume_from, device, model, parts, seqs, ys, info, streams)
 
 # %% ../nbs/13_classify.ipynb #05b10d3d
+def _optimizer_name(optimizer:str, lr:float, muon_lr:float) -> str:
+    return f"AdamW lr {lr:g}" if optimizer == "adamw" else f"Muon lr {muon_lr:g} + AdamW lr {lr:g}"
+
 def _score(path, seqs:dict, ys:dict, batch_size:int, device, precision:str, max_len:int) -> dict:
     "Validation and test loss and accuracy of the checkpoint at `path` (a run's `best/`)."
     model, out = load_checkpoint(path, device), dict(best_step=read_config(path).get("step"))
@@ -775,12 +781,11 @@ def classify(cfg:ClassifyConfig, # the run's settings
     steps = cfg.steps(math.ceil(len(job.seqs["train"]) / cfg.batch_size))
     T, adapting = info["context_len"], bool(job.streams)
     if adapting:
-        opt = (f"AdamW lr {cfg.adapt_lr:g}" if cfg.adapt_optimizer == "adamw"
-               else f"Muon lr {cfg.adapt_muon_lr:g} + AdamW lr {cfg.adapt_lr:g}")
         say(f"adapting first: language-model training on the training texts (labels unused), "
             f"{cfg.adapt_steps(len(job.streams['train']), T):,} steps of {cfg.batch_size} windows of {T} tokens, "
-            f"{opt}")
-    say(f"fine-tuning on {job.device} in {cfg.precision}: {steps:,} steps of {cfg.batch_size} texts, from {what}")
+            f"{_optimizer_name(cfg.adapt_optimizer, cfg.adapt_lr, cfg.adapt_muon_lr)}")
+    say(f"fine-tuning on {job.device} in {cfg.precision}: {steps:,} steps of {cfg.batch_size} texts, "
+        f"{_optimizer_name(cfg.optimizer, cfg.lr, cfg.muon_lr)}, from {what}")
     adapted = _adapt_stage(job, m, run, "pretrained") if adapting else None
     results["pretrained"], minutes = _fine_tune_and_score(job, m, run, cfg.train_blocks, "pretrained")
     if adapted: results["pretrained"]["adapted"] = adapted

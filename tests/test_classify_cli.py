@@ -135,11 +135,13 @@ def bad_inputs(s, d: Path) -> dict:
         "too many blocks": (["--train-blocks", "3"], "--train-blocks must be between 0 and the model's 2"),
         "context too long": (["--context-len", "64"], "exceeds the model's context 32"),
         "bad setting": (["--lr", "-1"], "--lr must be a positive number"),
+        "bad optimizer": (["--adapt-optimizer", "sgd"], "invalid choice: 'sgd'"),
+        "bad Muon rate": (["--optimizer", "muon", "--muon-lr", "0"], "--muon-lr must be a positive number"),
     }
 
 BAD_CASES = ["tokenizer mismatch", "empty file", "one class", "label only in test", "label not in --labels",
              "missing field", "too few texts", "missing model", "not a language model", "too many blocks",
-             "context too long", "bad setting"]
+             "context too long", "bad setting", "bad optimizer", "bad Muon rate"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
