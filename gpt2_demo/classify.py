@@ -408,10 +408,10 @@ class ClassifyConfig:
     adapt_muon_lr:float = 0.01       # Muon's peak learning rate while adapting (with --adapt-optimizer muon)
     # optimisation
     batch_size:int = 32              # texts per step (windows per step while adapting)
-    epochs:float = 1.0               # passes over the training split
+    epochs:float = 2.0               # passes over the training split
     max_steps:int|None = None        # optimiser steps (default: epochs × steps per epoch)
     lr:float = 3e-4                  # peak learning rate (AdamW's)
-    optimizer:Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
+    optimizer:Literal["adamw", "muon"] = "muon"  # muon: Muon for the blocks' matrices, AdamW for the rest
     muon_lr:float = 0.003            # Muon's peak learning rate (with --optimizer muon)
     min_lr:float|None = None         # final learning rate of the cosine decay (default lr/10)
     warmup_steps:int|None = None     # linear warm-up steps (default: a twentieth of the run)
