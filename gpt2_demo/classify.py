@@ -765,8 +765,8 @@ def classify(cfg:ClassifyConfig, # the run's settings
     say(f"model {info['init_from']}: {m.num_params():,} params, context {info['context_len']}, "
         f"{m.cfg.encoding.name} ({info['raw_byte_share']:.0%} of the tokens raw bytes)")
     if info["long_texts"] and info["whole_text"]:
-        say(f"{info['long_texts']:,} of {info['texts']:,} texts are longer than the context: read in windows "
-            f"of it (training: one at random each epoch; evaluation: all, their scores averaged)")
+        say(f"{info['long_texts']:,} of {info['texts']:,} texts are longer than the context: each is read in "
+            f"windows (training: one at random each epoch; evaluation: all, their scores averaged)")
     elif info["long_texts"]:
         kept = info["context_len"] - info["end_token"]
         say(f"{info['long_texts']:,} of {info['texts']:,} texts are longer than the context: each keeps its "

@@ -69,8 +69,8 @@ def test_run_table_checkpoint_predict(tmp_path, setup):
     # the texts longer than the context: said once, with their number (read in windows, by default)
     n_long = s["data"]["long_texts"]
     said = [l for l in r.stdout.splitlines() if "longer than the context" in l]
-    assert n_long > 0 and said == [f"{n_long:,} of {n:,} texts are longer than the context: read in windows "
-                                   f"of it (training: one at random each epoch; evaluation: all, their scores "
+    assert n_long > 0 and said == [f"{n_long:,} of {n:,} texts are longer than the context: each is read in "
+                                   f"windows (training: one at random each epoch; evaluation: all, their scores "
                                    f"averaged)"]
     # best/ is a classifier checkpoint that reloads, scoring what the summary says
     model = load_checkpoint(run / "best")
