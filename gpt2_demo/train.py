@@ -30,8 +30,8 @@ from .generate import generate
 from .checkpoint import Run, find_run, load_checkpoint, open_model, read_config, read_train_state
 from .data import PEOPLE_DAILY, GPTDataset, WindowSampler, prepare_data, unigram_entropy
 from .ngram import ngram_baselines
-from .optim import (OPTIMIZERS, Schedule, Stepper, flops_per_token, lm_loss, peak_flops, pick_precision,
-                             step_seed)
+from .optim import (OPTIMIZERS, Schedule, Stepper, describe_optimizer, flops_per_token, lm_loss, peak_flops,
+                             pick_precision, step_seed)
 
 # %% ../nbs/10_train.ipynb #3336d0de
 @dataclass(frozen=True)
@@ -526,7 +526,7 @@ def _start_log(self:Pretraining):
                       flops_per_token=flops_per_token(m.cfg, self.T), peak_flops=peak_flops(self.device))
     what = f"resuming {self.run.name} at step {s.step}" if self.plan.resume_from else f"run {self.run.name}"
     length = f"{c.time_budget:g} min" if c.time_budget else f"{sched.max_steps} steps"
-    opt = f"AdamW lr {c.lr:g}" if c.optimizer == "adamw" else f"Muon lr {c.muon_lr:g} + AdamW lr {c.lr:g}"
+    opt = describe_optimizer(c.optimizer, c.lr, c.muon_lr)
     self.log.say(f"{what} | {self.cache} | model {m.num_params():,} params, vocab {m.cfg.vocab_size:,}"
                  f"{' (compact)' if m.cfg.vocab_ids else ''}, context {self.T} | {self.world} process(es) × "
                  f"{c.grad_accum} × {c.batch_size} windows/step | {self.device} {c.precision} | {opt} | {length}")
