@@ -12,4 +12,4 @@ OUT=${OUT:-/tmp/out}
 timeout 240 python3 .bench/train_compare.py --device cuda --batch-size 16 --seq-len 1024 2>&1 | tee $OUT/stick.log
 timeout 120 python3 -m gpt2_demo.bench generate --device cuda --json > $OUT/generate.json 2> $OUT/generate.log
 timeout 180 python3 -m gpt2_demo.bench track --device cuda --steps 200 --json > $OUT/track.json 2> $OUT/track.log
-tail -3 $OUT/*.log
+tail -n 3 $OUT/*.log
