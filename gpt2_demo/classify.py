@@ -223,12 +223,16 @@ class GPTClassifier(nn.Module):
                  labels:list, # the class labels, in class-id order
                  end_token:bool=True, # texts end with <|endoftext|>, whose state the head reads
                  whole_text:bool=True, # a text longer than the context is read in windows (False: its end)
+                 read_len:int|None=None, # tokens read at once, as fine-tuned (None: the model's context)
                 ):
         super().__init__()
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise UserError(f"a classifier needs two or more distinct labels, got {labels!r}")
         self.body, self.labels, self.end_token = body, [str(l) for l in labels], bool(end_token)
-        self.whole_text = bool(whole_text)
+        self.whole_text, self.read_len = bool(whole_text), read_len
+        if read_len is not None and not 2 <= read_len <= body.cfg.context_len:
+            raise UserError(f"--context-len {read_len} exceeds the model's context {body.cfg.context_len}"
+                            if read_len > 2 else f"--context-len must be an integer >= 2, got {read_len!r}")
         if not body.cfg.tie_weights: body.out_head = None          # an untied LM head is dead weight here
         self.head = nn.Linear(body.cfg.emb_dim, len(labels))
         nn.init.normal_(self.head.weight, std=0.02)
@@ -247,8 +251,8 @@ class GPTClassifier(nn.Module):
         return encode_texts(self.cfg.encoding, texts, self.end)
 
     def windows(self, seq, max_len:int|None=None) -> list:
-        "What this classifier reads of `seq` (from `encode`) with `max_len` tokens at once (default: the context)."
-        return windows(seq, max_len or self.cfg.context_len, self.end, self.whole_text)
+        "What this classifier reads of `seq` (from `encode`) with `max_len` tokens at once (default: `read_len`)."
+        return windows(seq, max_len or self.read_len or self.cfg.context_len, self.end, self.whole_text)
 
     def forward(self, idx:torch.Tensor, # (B, T) token ids, each text padded on the right
                 lengths:torch.Tensor, # (B,) the number of real tokens of each text
@@ -260,7 +264,7 @@ class GPTClassifier(nn.Module):
 
     def config_dict(self) -> dict:
         return {"gpt": asdict(self.body.cfg), "labels": self.labels, "end_token": self.end_token,
-                "whole_text": self.whole_text}
+                "whole_text": self.whole_text, "read_len": self.read_len}
 
     @classmethod
     def from_config_dict(cls, d:dict) -> "GPTClassifier":
@@ -268,7 +272,7 @@ class GPTClassifier(nn.Module):
         if not (isinstance(d, dict) and isinstance(d.get("gpt"), dict) and isinstance(d.get("labels"), list)):
             raise UserError("not a classifier config (expected the fields gpt and labels)")
         return cls(DummyGPT(GPTConfig(**d["gpt"])), d["labels"], d.get("end_token", False),
-                   d.get("whole_text", False))
+                   d.get("whole_text", False), d.get("read_len"))
 
     def num_params(self) -> int: return sum(p.numel() for p in self.parameters())
 
@@ -688,7 +692,7 @@ def prepare(cfg:ClassifyConfig, given:set|None=None) -> Job:
     names = class_names(parts, cfg.labels, data.source)
     if model is None:
         torch.manual_seed(cfg.seed)                        # the head's initial weights
-        model = GPTClassifier(body, names, cfg.end_token, cfg.whole_text)
+        model = GPTClassifier(body, names, cfg.end_token, cfg.whole_text, cfg.context_len)
     elif names != model.labels:
         raise UserError(f"the data's labels {names} differ from the run's {model.labels}; resume with the "
                         f"same data")
@@ -794,7 +798,7 @@ def classify(cfg:ClassifyConfig, # the run's settings
         rand.recover()
         torch.manual_seed(cfg.seed)                        # the same seed, a random body (replaced on resume)
         model = (load_checkpoint(rand.latest()) if rand.latest()
-                 else GPTClassifier(DummyGPT(m.cfg), m.labels, m.end_token, m.whole_text))
+                 else GPTClassifier(DummyGPT(m.cfg), m.labels, m.end_token, m.whole_text, m.read_len))
         adapted = _adapt_stage(job, model, rand, "random") if adapting else None
         results["random"], train_minutes["random"] = _fine_tune_and_score(job, model, rand, None, "random")
         if adapted: results["random"]["adapted"] = adapted
