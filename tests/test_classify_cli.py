@@ -101,12 +101,16 @@ def test_user_file_any_labels(tmp_path, setup, kind):
     else:
         data = tmp_path / "d.json"
         data.write_text(json.dumps([{"review": t, "verdict": l} for t, l in pairs], ensure_ascii=False))
-    whole = ["--no-whole-text"] if kind == "json" else []     # json: each long text keeps its end instead
+    # json: each long text keeps its end instead; csv: windows of 24 tokens, which the classifier keeps reading
+    whole = ["--no-whole-text"] if kind == "json" else ["--context-len", "24"]
     r = classify(*run_args(setup, tmp_path, "--text-field", "review", "--label-field", "verdict", "--labels",
                            "好评,差评", "--no-random-init", "--epochs", "1", *whole, data=data))
     assert r.returncode == 0, r.stderr
     model = load_checkpoint(tmp_path / "model" / "r" / "best")
     assert model.labels == ["好评", "差评"] and model.whole_text == (kind == "csv")
+    assert model.read_len == (24 if kind == "csv" else None)
+    long_ids = model.encode(["很好" * 40])[0]                  # --predict reads windows of what it was trained on
+    assert max(len(w) for w in model.windows(long_ids)) == (24 if kind == "csv" else 32)
     said = [l for l in r.stdout.splitlines() if "longer than the context" in l]
     assert len(said) == 1 and (("each keeps its last 31 tokens" in said[0]) == (kind == "json"))
     assert "random initialisation" not in r.stdout and not (tmp_path / "model" / "r" / "random").exists()
