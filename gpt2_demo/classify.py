@@ -232,7 +232,7 @@ class GPTClassifier(nn.Module):
         self.whole_text, self.read_len = bool(whole_text), read_len
         if read_len is not None and not 2 <= read_len <= body.cfg.context_len:
             raise UserError(f"--context-len {read_len} exceeds the model's context {body.cfg.context_len}"
-                            if read_len > 2 else f"--context-len must be an integer >= 2, got {read_len!r}")
+                            if read_len > body.cfg.context_len else f"--context-len must be an integer >= 2, got {read_len!r}")
         if not body.cfg.tie_weights: body.out_head = None          # an untied LM head is dead weight here
         self.head = nn.Linear(body.cfg.emb_dim, len(labels))
         nn.init.normal_(self.head.weight, std=0.02)
