@@ -11,7 +11,7 @@ __all__ = ['RESUME_KEEP', 'RESUME_MAY_CHANGE', 'DEMO', 'TrainConfig', 'Plan', 'p
            'report', 'main']
 
 # %% ../nbs/10_train.ipynb #e2b64397
-import contextlib, datetime, json, math, os, sys, time
+import contextlib, datetime, gc, json, math, os, sys, time
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -608,6 +608,7 @@ def train(cfg:TrainConfig, # the run's settings
     rank, world, local_rank = dist_env()
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if world > 1 and not dist.is_initialized(): dist.init_process_group("nccl" if cuda else "gloo")
+    job = None
     try:
         if world > 1 and cuda:
             torch.cuda.set_device(local_rank)
@@ -622,7 +623,12 @@ def train(cfg:TrainConfig, # the run's settings
         finally: job.log.close()
         return job.finish() if job.master else {}
     finally:
-        if world > 1 and dist.is_initialized(): dist.destroy_process_group()
+        if world > 1 and dist.is_initialized():
+            # free the DDP model (it holds the process group) now: left to the interpreter's exit, gloo's threads
+            # are torn down with it, and a rank that finished first could abort ("terminate called ...")
+            del job
+            gc.collect()
+            dist.destroy_process_group()
 
 # %% ../nbs/10_train.ipynb #e951ae2e
 DEMO = dict(preset="small", n_heads=2, context_len=128, batch_size=32, lr=3e-3, optimizer="muon", muon_lr=0.014,
