@@ -32,11 +32,15 @@ check-readme: $(STAMP)
 
 # Two notebooks at a time, one thread each: on a 2-core machine, two processes with two threads each
 # oversubscribe the cores and run many times slower.
+# Both run with their own TMPDIR, removed when they end (pass or fail): the notebooks' and tests' temporary
+# models and corpora (half a gigabyte per run) do not pile up in /tmp.
 nbtest: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --timing
+	@t=$$(mktemp -d) && trap 'rm -rf "$$t"' EXIT && set -x && \
+	  TMPDIR="$$t" OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --timing
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	@t=$$(mktemp -d) && trap 'rm -rf "$$t"' EXIT && set -x && \
+	  TMPDIR="$$t" $(BIN)/python -m pytest -q tests
 
 # Developer helpers
 export: $(STAMP)
