@@ -6,8 +6,8 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/checkpoint.html.md"""
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'MODEL_KINDS', 'write_folder', 'recover', 'save_checkpoint', 'read_config', 'load_checkpoint',
-           'read_train_state', 'Run', 'find_run', 'find_checkpoints', 'latest_checkpoint', 'newest_pretrained',
-           'open_model']
+           'read_train_state', 'Run', 'task_of', 'settings_of', 'find_run', 'find_checkpoints', 'latest_checkpoint',
+           'newest_checkpoint', 'newest_pretrained', 'open_model']
 
 # %% ../nbs/06_checkpoint.ipynb #ca7bdc89
 import importlib, json, os, shutil, tempfile
@@ -120,6 +120,12 @@ class Run:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def all_steps(self) -> list[Path]:
+        "The complete step checkpoints in this folder and its sub-folders (a job's stages), oldest first."
+        found = [p for p in self.path.rglob("step-*") if not any(q.startswith(".") for q in p.parts[-3:])
+                 and (p/"train_state.pt").is_file() and (p/"model.safetensors").is_file()]
+        return sorted(found, key=lambda p: (p/"train_state.pt").stat().st_mtime)
+
     def save_step(self, model, state:dict, step:int, keep_last:int, **extra) -> Path:
         "Writes `step-NNNNNN/` (weights, config, `state`), then keeps only the newest `keep_last` of them."
         path = save_checkpoint(model, self.path/f"step-{step:06d}", state=state, step=step, **extra)
@@ -140,18 +146,38 @@ class Run:
         text = json.dumps(data, indent=2, ensure_ascii=False)
         return atomic_write(self.path/name, lambda t: Path(t).write_text(text))
 
+def task_of(config:dict) -> str|None:
+    "The task that wrote a checkpoint (`pretrain`, `classify`, `sft`, …) from its config; None for a bare model."
+    if "task" in config: return config["task"]
+    train = config.get("train")                    # written before checkpoints said it: known by their keys
+    if "sft" in config: return "sft"
+    return ("classify" if "best_by" in train else "pretrain") if isinstance(train, dict) else None
+
+def settings_of(config:dict) -> dict:
+    "The settings of the run that wrote a checkpoint ({} for a bare model)."
+    for key in ("settings", "sft", "train"):       # `sft`, `train`: where checkpoints before the runner kept them
+        if isinstance(config.get(key), dict): return config[key]
+    return {}
+
 def find_run(out_dir, # where runs live
              name:str|None=None, # the run's name; None: the run whose newest step checkpoint is newest
+             task:str|None=None, # only runs of this task (see `task_of`)
             ) -> Run:
-    "The run to resume; `UserError` if it has no step checkpoint."
+    "The run to resume (its step checkpoints may sit in sub-folders: a job's stages); `UserError` if none fits."
+    def fits(run:Run) -> bool:
+        steps = run.all_steps()
+        if not steps: return False
+        try: return task is None or task_of(read_config(steps[-1])) == task
+        except UserError: return False
+    what = f"{task} " if task else ""
     if name is not None:
         run = Run(Path(out_dir)/name)
-        if not run.steps(): raise UserError(f"--resume: {run.path} has no checkpoint to resume from")
+        if not fits(run): raise UserError(f"--resume: {run.path} has no {what}checkpoint to resume from")
         return run
-    runs = [Run(d) for d in Path(out_dir).glob("*") if d.is_dir()]
-    runs = [r for r in runs if r.steps()]
-    if not runs: raise UserError(f"--resume: no run with a checkpoint under {out_dir}/; start one without --resume")
-    return max(runs, key=lambda r: r.latest().stat().st_mtime)
+    runs = [r for r in (Run(d) for d in Path(out_dir).glob("*") if d.is_dir()) if fits(r)]
+    if not runs: raise UserError(f"--resume: no run of {task or 'any task'} with a checkpoint under {out_dir}/; "
+                                 f"start one without --resume")
+    return max(runs, key=lambda r: (r.all_steps()[-1]/"train_state.pt").stat().st_mtime)
 
 # %% ../nbs/06_checkpoint.ipynb #03b3870f
 def find_checkpoints(root="model") -> list[Path]:
@@ -173,12 +199,21 @@ def latest_checkpoint(root="model") -> Path:
     if not found: raise UserError(f"no checkpoint found under {root}/; train one first, e.g. with `make demo`")
     return found[-1]
 
-def newest_pretrained(root="model") -> Path:
-    "The newest pretrained language model under `root` (kind lm, no chat template, no `stage`); else `UserError`."
+def newest_checkpoint(root="model", # where runs live
+                      tasks=(None,), # the tasks whose checkpoints qualify (None: a bare model, no task)
+                      kind:str|None=None, # lm, classifier, … (None: any)
+                      stages:bool=False, # also checkpoints of a stage of a larger job
+                      what:str="checkpoint") -> Path:
+    "The newest complete checkpoint under `root` written by one of `tasks`; `UserError` naming `what` if none."
     for d in reversed(find_checkpoints(root)):
-        c = read_config(d)                 # `stage`: a step inside another job (a classifier's adaptation)
-        if c.get("kind", "lm") == "lm" and "chat_template" not in c and "stage" not in c: return d
-    raise UserError(f"no pretrained language model under {root}/; train one (`make demo`) or pass --init-from MODEL")
+        c = read_config(d)
+        if task_of(c) in tasks and kind in (None, c.get("kind", "lm")) and (stages or "stage" not in c): return d
+    raise UserError(f"no {what} under {root}/")
+
+def newest_pretrained(root="model") -> Path:
+    "The newest pretrained language model under `root` (a pretraining run's, or a bare model); else `UserError`."
+    try: return newest_checkpoint(root, ("pretrain", None), "lm", what="pretrained language model")
+    except UserError as e: raise UserError(f"{e}; train one (`make demo`) or pass --init-from MODEL") from None
 
 # %% ../nbs/06_checkpoint.ipynb #904b787d
 def _is_hub_name(source:str) -> bool:

@@ -145,7 +145,14 @@ def _comments(src:str) -> dict:
     return out
 
 def field_help(cls) -> dict:
-    "The comment after each field of dataclass `cls` (its help text), read with fastcore's `docments`."
+    "The comment after each field of dataclass `cls` and of the dataclasses it derives from (their help texts)."
+    out = {}
+    for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        out |= {k: v for k, v in _own_field_help(c).items() if v}
+    return out
+
+def _own_field_help(cls) -> dict:
+    "The comments after the fields in `cls`'s own source, read with fastcore's `docments`."
     from fastcore.docments import docments
     def read(c):
         try: return {k: v for k, v in docments(c).items() if k != "return"}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gpt2_demo.checkpoint import load_checkpoint, save_checkpoint
-from gpt2_demo.classify import GPTClassifier, load_reviews, split_of
+from gpt2_demo.classify import GPTClassifier
+from gpt2_demo.data import load_reviews, split_of
 from gpt2_demo.model import DummyGPT, get_config
 from gpt2_demo.tokenizer import ModelEncoding, get_tokenizer
 
