@@ -18,10 +18,11 @@ import torch.nn.functional as F
 
 from .core import ConfigParser, UserError, bf16_native, resolve_device, run_cli, _cpu_name
 from .model import DummyGPT, get_config
-from .checkpoint import load_checkpoint, newest_pretrained, read_config
+from .checkpoint import load_checkpoint, newest_pretrained, read_config, settings_of, task_of
 from .generate import generate, prepare_for_inference, INFERENCE_DTYPES
 from .optim import PEAK_TFLOPS, Stepper, flops_per_token
-from .train import TrainConfig, evaluate
+from .runner import evaluate
+from .train import TrainConfig
 
 # %% ../nbs/12_bench.ipynb #fad938ed
 def _sync(device):
@@ -181,7 +182,8 @@ def quality(checkpoint=None, windows:int=64, device="cpu") -> dict|None:
     else:                                 # fine-tuned models (classifiers, SFT) were not trained on a token cache
         try: ckpt = newest_pretrained("model")
         except UserError: return None                          # nothing pretrained here yet
-    saved = read_config(ckpt).get("train")
+    c = read_config(ckpt)
+    saved = settings_of(c) if task_of(c) == "pretrain" else None
     if not saved: return None
     cfg = TrainConfig(**saved)
     model = load_checkpoint(ckpt, device)

@@ -175,8 +175,8 @@ def find_run(out_dir, # where runs live
         if not fits(run): raise UserError(f"--resume: {run.path} has no {what}checkpoint to resume from")
         return run
     runs = [r for r in (Run(d) for d in Path(out_dir).glob("*") if d.is_dir()) if fits(r)]
-    if not runs: raise UserError(f"--resume: no run of {task or 'any task'} with a checkpoint under {out_dir}/; "
-                                 f"start one without --resume")
+    if not runs: raise UserError(f"--resume: no {what}run with a checkpoint under {out_dir}/; start one without "
+                                 f"--resume")
     return max(runs, key=lambda r: (r.all_steps()[-1]/"train_state.pt").stat().st_mtime)
 
 # %% ../nbs/06_checkpoint.ipynb #03b3870f

@@ -11,7 +11,7 @@ __all__ = ['encode_texts', 'window_starts', 'window', 'windows', 'raw_byte_share
            'classify', 'table', 'predict', 'open_classifier', 'report', 'main']
 
 # %% ../nbs/13_classify.ipynb #7eafb8a0
-import hashlib, json, math, sys, time
+import gc, hashlib, json, math, sys, time
 from collections import Counter
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
@@ -445,9 +445,9 @@ def _stages(cfg:ClassifyConfig, job:Job, model:GPTClassifier, run:Run, part:str,
     if job.streams:
         stage = Run(run.path/"adapt")
         if run.latest() is None:
-            r = Runner(AdaptTask(cfg, device, rank, world, job), stage, model.body, f"{cfg.run_name}/{part}-adapt",
-                       f"{part} adapt ")
-            state = r.fit(t_loop)
+            state = Runner(AdaptTask(cfg, device, rank, world, job), stage, model.body,
+                           f"{cfg.run_name}/{part}-adapt", f"{part} adapt ").fit(t_loop)
+            gc.collect()          # its DDP wrapper's hooks go before the fine-tuning wraps the same body again
         else: state = TrainState.load(stage.latest())[0]
         val = state.history["val"]
         adapted = dict(steps=state.step, val_lm_loss_before=val[0][2] if val else None,

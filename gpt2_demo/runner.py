@@ -247,8 +247,9 @@ class TrainState:
     def load(cls, ckpt) -> tuple:
         "The state saved in step checkpoint `ckpt`, and the optimiser state saved with it."
         d = read_train_state(ckpt)
-        opt = d.pop("optimizer")
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d}), opt
+        opt, best = d.pop("optimizer"), d.get("best_val", math.inf)
+        return cls(**{"best": [best] if math.isfinite(best) else None}                 # saved before `best` was
+                   | {f.name: d[f.name] for f in fields(cls) if f.name in d}), opt
 
 def check_finite(loss:float, gnorm:float, step:int, run:Run):
     "Raises `TrainingDiverged`, naming the step and the last good checkpoint, if the loss or gradient is not finite."

