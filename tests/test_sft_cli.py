@@ -164,7 +164,7 @@ def bad_inputs(d: Path, tiny: Path) -> dict:
         "wrong --format": ([ok, "--format", "messages"], "ok.jsonl line 1: the conversation must be a non-"),
         "no response": ([d / "no-response.jsonl"], "no-response.jsonl line 3: no response"),
         "unknown role": ([d / "roles.jsonl"], "unknown role 'bot' (roles: system, user, assistant)"),
-        "empty file": ([d / "empty.jsonl"], "the file is empty"),
+        "empty file": ([d / "empty.jsonl"], "empty.jsonl: no records"),
         "no records": ([d / "empty-array.json"], "empty-array.json: no records"),
         "one record": ([d / "one.jsonl"], "one conversation; training and validation need at least two"),
         "bad JSON": ([d / "broken.jsonl"], "broken.jsonl line 2: not valid JSON"),

@@ -1,4 +1,5 @@
-"""End-to-end tests of `python -m gpt2_demo.train`: data sources, bad input, kill/resume, and torchrun (DDP) equivalence.
+"""End-to-end tests of `python -m gpt2_demo.train`: data sources, bad input, kill/resume, --init-from, --time-limit
+(torchrun ≡ gradient accumulation, for every task: tests/test_tasks.py).
 
 Every run here is a real CLI process on a tiny model and a small corpus written by the test itself."""
 import json, os, signal, subprocess, sys, tempfile, time
@@ -141,24 +142,6 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, corpus):
     assert len(ha["train"]) == len(hb["train"]) == steps
     assert max(abs(x[2] - y[2]) for x, y in zip(ha["train"], hb["train"])) <= 1e-6
     assert not list(run.glob(".tmp-*"))
-
-
-# ---- torchrun: 2 CPU ranks == 1 process with 2 accumulation steps ----------------------------------------------
-
-def test_ddp_two_ranks_match_grad_accum(tmp_path, corpus):
-    common = ["--precision", "fp32", "--drop-rate", "0"]
-    single = train([*tiny_args(tmp_path, corpus, *common, "--grad-accum", "2", steps=20, run="single")])
-    assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2_demo.train",
-                          *tiny_args(tmp_path, corpus, *common, "--grad-accum", "1", steps=20, run="ddp")],
-                         capture_output=True, text=True, env=ENV, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    h1, h2 = history(tmp_path / "model" / "single" / "step-000020"), history(tmp_path / "model" / "ddp" / "step-000020")
-    assert [r[:2] for r in h1["train"]] == [r[:2] for r in h2["train"]]   # same steps, same tokens seen
-    diffs = [abs(a[2] - b[2]) for a, b in zip(h1["train"], h2["train"])] + [abs(a[2] - b[2]) for a, b in zip(h1["val"], h2["val"])]
-    assert len(diffs) == 22 and max(diffs) <= 1e-5, diffs
-    assert h1["train"][0][2] - h1["train"][-1][2] > 0.5                  # and the curve is a real, falling one
-    assert ddp.stdout.count("val loss") == 1                              # only rank 0 reports
 
 
 def test_max_steps_alone_runs(tmp_path, corpus):
