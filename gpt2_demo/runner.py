@@ -440,10 +440,10 @@ class Runner:
                 ):
         self.task, self.run, c = task, run, task.cfg
         self.rank, self.world, self.device, self.master = task.rank, task.world, task.device, task.rank == 0
+        if self.master: run.recover()                      # a save killed half-way: put back what it set aside
         resume_from = run.latest()
         self.state, opt_state = TrainState(micro_per_step=self.world * c.grad_accum), None
         if resume_from is not None:
-            if self.master: run.recover()
             saved = load_checkpoint(resume_from)
             if model is None: model = saved
             else: model.load_state_dict(saved.state_dict())
@@ -489,8 +489,8 @@ class Runner:
         metrics = task.evaluate(self.model)
         if not metrics: return
         sample = task.sample(self.model)
-        best = st.record_val(metrics, task.best_by)
-        if best and task.keeps_best: self.run.save_best(self.model, step=st.step, tokens=st.tokens,
+        best = st.record_val(metrics, task.best_by) and task.keeps_best
+        if best: self.run.save_best(self.model, step=st.step, tokens=st.tokens,
                                     **{f"val_{k}": v for k, v in metrics.items()}, **task.save_meta())
         self.log.val(st, metrics, sample, best)
 
