@@ -460,6 +460,7 @@ def _stages(cfg:ClassifyConfig, job:Job, model:GPTClassifier, run:Run, part:str,
     fine.fit(t_loop)
     return adapted, fine
 
+# %% ../nbs/13_classify.ipynb #156638ee
 def classify(cfg:ClassifyConfig, # the run's settings
              given:set|None=None, # the settings given on the command line (see `plan`, `09a_runner`)
              say=print, # where progress lines go
