@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .core import PRECISIONS, UserError, faster_precision
+from .core import PRECISIONS, UserError, bf16_native, faster_precision
 from .layers import TransformerBlock
 from .model import pad_vocab
 
@@ -102,8 +102,10 @@ def hidden_matrices(model:torch.nn.Module) -> list:
 
 class Muon(torch.optim.Optimizer):
     "Momentum, then each matrix's update orthogonalised (`orthogonalize`), scaled by √max(1, rows/cols)."
-    def __init__(self, params, lr:float=0.02, momentum:float=0.95, weight_decay:float=0.0, nesterov:bool=True):
+    def __init__(self, params, lr:float=0.02, momentum:float=0.95, weight_decay:float=0.0, nesterov:bool=True,
+                 dtype=None): # the Newton–Schulz steps' (None: bf16 where the device has it natively, else fp32)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+        self.dtype = dtype
 
     @torch.no_grad()
     def step(self):
@@ -116,7 +118,8 @@ class Muon(torch.optim.Optimizer):
                 u = p.grad.lerp(buf, beta) if g["nesterov"] else buf      # Nesterov: look one step ahead
                 by_shape.setdefault(tuple(p.shape), []).append((p, u))
             for (rows, cols), pairs in by_shape.items():                 # one batched orthogonalisation per shape
-                O = orthogonalize(torch.stack([u for _, u in pairs])) * max(1.0, rows / cols) ** 0.5
+                if self.dtype is None: self.dtype = torch.bfloat16 if bf16_native(pairs[0][0].device) else torch.float32
+                O = orthogonalize(torch.stack([u for _, u in pairs]), dtype=self.dtype) * max(1.0, rows / cols) ** 0.5
                 for (p, _), o in zip(pairs, O):
                     p.mul_(1 - g["lr"] * g["weight_decay"])
                     p.add_(o.to(p.dtype), alpha=-g["lr"])
