@@ -257,18 +257,17 @@ def track_loss(preset:str="gpt2", steps:int=200, batch_size:int=16, seq_len:int=
     cfg = get_config(preset, tokenizer="cl100k_base", context_len=max(seq_len, get_config(preset).context_len),
                      drop_rate=0.0)
     ws = WindowSampler(cache.train, seq_len, batch_size, seed=0)
-    curves, runs = {}, []                      # runs: both curves, also when `fast` is ours-fp32 (no bf16 here)
+    curves = {}
     for mode in ("ours-fp32", fast):
         torch.manual_seed(0)
         model = DummyGPT(cfg).to(device).train()
         precision, compiled = mode.split("-")[1], mode.endswith("-compile")
         pad = 64 if compiled and device.type == "cuda" else 1
         st = Stepper(model, precision=precision, compile=compiled, pad_vocab_to=pad)
-        runs.append([st.step([ws.batch(i, device)], lr * min(1.0, (i + 1) / 20))[0] for i in range(steps)])
-        curves[mode] = runs[-1]
+        curves[mode] = last = [st.step([ws.batch(i, device)], lr * min(1.0, (i + 1) / 20))[0] for i in range(steps)]
         log(f"  {mode}: {curves[mode][0]:.3f} -> {curves[mode][-1]:.3f}")
         del model, st
-    d = [abs(a - b) for a, b in zip(*runs)]
+    d = [abs(a - b) for a, b in zip(curves["ours-fp32"], last)]     # `fast` may be ours-fp32 too (no bf16)
     tail = max(1, steps // 10)
     return dict(kind="track", preset=preset, steps=steps, fast=fast, curves=curves, first_diff=d[0],
                 median_diff=statistics.median(d), max_diff=max(d),

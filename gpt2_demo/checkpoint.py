@@ -155,9 +155,8 @@ def task_of(config:dict) -> str|None:
 
 def settings_of(config:dict) -> dict:
     "The settings of the run that wrote a checkpoint ({} for a bare model)."
-    for key in ("settings", "sft", "train"):       # `sft`, `train`: where checkpoints before the runner kept them
-        if isinstance(config.get(key), dict): return config[key]
-    return {}
+    keys = ("settings", "sft", "train")            # `sft`, `train`: where checkpoints before the runner kept them
+    return next((config[k] for k in keys if isinstance(config.get(k), dict)), {})
 
 def find_run(out_dir, # where runs live
              name:str|None=None, # the run's name; None: the run whose newest step checkpoint is newest

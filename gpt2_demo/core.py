@@ -146,10 +146,8 @@ def _comments(src:str) -> dict:
 
 def field_help(cls) -> dict:
     "The comment after each field of dataclass `cls` and of the dataclasses it derives from (their help texts)."
-    out = {}
-    for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
-        out |= {k: v for k, v in _own_field_help(c).items() if v}
-    return out
+    mro = [c for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c)]
+    return {k: v for c in mro for k, v in _own_field_help(c).items() if v}
 
 def _own_field_help(cls) -> dict:
     "The comments after the fields in `cls`'s own source, read with fastcore's `docments`."

@@ -102,10 +102,9 @@ def hidden_matrices(model:torch.nn.Module) -> list:
 
 class Muon(torch.optim.Optimizer):
     "Momentum, then each matrix's update orthogonalised (`orthogonalize`), scaled by √max(1, rows/cols)."
-    def __init__(self, params, lr:float=0.02, momentum:float=0.95, weight_decay:float=0.0, nesterov:bool=True,
-                 dtype=None): # the Newton–Schulz steps' (None: bf16 where the device has it natively, else fp32)
+    def __init__(self, params, lr:float=0.02, momentum:float=0.95, weight_decay:float=0.0, nesterov:bool=True):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
-        self.dtype = dtype
+        self.dtype = None          # of the Newton–Schulz steps: bf16 where the device has it natively, else fp32
 
     @torch.no_grad()
     def step(self):

@@ -106,8 +106,7 @@ class RunConfig:
         check_range(self, "grad_clip", 0, what=">= 0 (0 turns clipping off)")
         check_range(self, "drop_rate", 0, 1, high_open=True)
         if self.optimizer not in OPTIMIZERS: raise UserError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
-        name = self.run_name
-        if name is not None and (not name or "/" in name or name.startswith(".")):
+        if (name := self.run_name) is not None and (not name or "/" in name or name.startswith(".")):
             raise UserError(f"--run-name must be a plain folder name, got {name!r}")
         if self.resume and self.init_from is not None:
             raise UserError("--init-from and --resume exclude each other (a resumed run continues its own weights)")

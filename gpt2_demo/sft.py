@@ -411,8 +411,7 @@ class SFTTask(Task):
         "The greedy answer to the first validation question."
         shown, end = self.examples["val"][0], self.enc.special_ids[self.template.end]
         got = answers(model.eval(), [self.template.prompt(self.enc, shown.messages[:-1])], 20, end)[0]
-        model.train()
-        return self.enc.decode(got)
+        return self.enc.decode(got)                     # (the next step puts the model back in training mode)
 
     def describe(self) -> str:
         left = f" ({self.left_out:,} longer than the context left out)" if self.left_out else ""
@@ -426,10 +425,8 @@ class SFTTask(Task):
                     left_out_too_long=self.left_out, val_loss=final, val_exact=exact["all"],
                     chat_template=self.template.name)
 
-def finetune(cfg:SFTConfig, given:set|None=None, # the flags set on the command line (see `plan`)
-             examples:dict|None=None, # the examples to use instead of those of `cfg.data`
-            ) -> dict:
-    "Runs (or resumes) the fine-tuning run `cfg` describes; returns its summary (rank 0)."
+def finetune(cfg:SFTConfig, given:set|None=None, examples:dict|None=None) -> dict:
+    "Runs (or resumes) the run `cfg` describes (on `examples`, if given, not `cfg.data`'s); its summary (rank 0)."
     return run_task(SFTTask, cfg, given, examples=examples)
 
 # %% ../nbs/14_sft.ipynb #dfd587c4
