@@ -396,7 +396,7 @@ def prepare(cfg:ClassifyConfig, run:Run, resumed:bool) -> Job:
     latest = run.latest()                                  # the classifier, once its fine-tuning has begun
     model = load_checkpoint(latest) if latest else None
     source = saved["init_from"] if saved else cfg.init_from or str(newest_pretrained(cfg.out_dir))
-    body = None if model else open_start(source, cfg.drop_rate)          # a bad model fails first
+    body = None if model else open_start(source, cfg.drop_rate)[0]       # a bad model fails first
     data = load_labelled(cfg.data, cfg.text_field, cfg.label_field)
     parts = split(data)
     names = class_names(parts, cfg.labels, data.source)

@@ -171,9 +171,9 @@ def plan(cfg:RunConfig, # the settings as given
 # %% ../nbs/09a_runner.ipynb #4d19d57f
 def open_start(source, # what --init-from names (or the newest pretrained model)
                drop_rate:float|None=None, # dropout while training (None: the model's)
-               device="cpu") -> DummyGPT:
-    "The language model to start from, with `drop_rate` applied; `UserError` naming `--init-from` if it cannot be."
-    try: model, _ = open_model(source, device)
+               device="cpu") -> tuple:
+    "(the language model to start from, with `drop_rate` applied; what it is); `UserError` naming `--init-from`."
+    try: model, where = open_model(source, device)
     except UserError as e: raise UserError(f"--init-from {source}: {e}") from None
     if not isinstance(model, DummyGPT):
         raise UserError(f"--init-from {source}: not a language model (a {getattr(model, 'kind', 'model')}); "
@@ -182,7 +182,7 @@ def open_start(source, # what --init-from names (or the newest pretrained model)
         fresh = DummyGPT(replace(model.cfg, drop_rate=drop_rate)).to(device)
         fresh.load_state_dict(model.state_dict())
         model = fresh
-    return model
+    return model, where
 
 def set_trainable(model, # a DummyGPT, or a model with a DummyGPT `body` and a `head`
                   train_blocks:int|None=None, # train only the last N blocks and what is above them (None: all)

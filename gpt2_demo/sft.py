@@ -343,8 +343,8 @@ class SFTConfig(RunConfig):
 def start_model(cfg:SFTConfig, device) -> tuple[DummyGPT, str]:
     "(the model to fine-tune, with the template's tokens, and where it came from)."
     source = cfg.init_from or newest_pretrained(cfg.out_dir)
-    model = with_chat_tokens(open_start(source, cfg.drop_rate, device))
-    where = f"checkpoint {source}" if Path(str(source)).is_dir() else f"Hugging Face model {source}"
+    model, where = open_start(source, cfg.drop_rate, device)
+    model = with_chat_tokens(model)
     if cfg.random_init:
         torch.manual_seed(cfg.seed)
         model, where = DummyGPT(model.cfg), f"random weights in the shape of {where}"

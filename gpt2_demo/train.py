@@ -181,7 +181,7 @@ class Pretraining(Task):
 
     def build(self, model=None) -> DummyGPT:
         c, master = self.cfg, self.rank == 0
-        if model is None and c.init_from not in (None, "scratch"): model = open_start(c.init_from, c.drop_rate)
+        if model is None and c.init_from not in (None, "scratch"): model = open_start(c.init_from, c.drop_rate)[0]
         self.cfg = c = replace(c, tokenizer=c.tokenizer or (model.cfg.tokenizer if model else "cl100k_base"))
         self.context = T = c.context_len or (model.cfg.context_len if model else get_config(c.preset).context_len)
         self.cache = rank0_first(lambda: c.token_cache(T + 1, master and c.progress), master, self.world)
