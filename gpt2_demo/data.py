@@ -12,6 +12,7 @@ __all__ = ['CACHE_FORMAT', 'REVIEWS', 'LABELLED_TYPES', 'SPLITS', 'token_dtype',
 
 # %% ../nbs/07_data.ipynb #edd9f77f
 import csv, hashlib, io, itertools, json, os, shutil, tempfile, time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,34 +42,55 @@ def in_val_split(text:str, val_fraction:float) -> bool:
     return hash_fraction(text) < val_fraction
 
 # %% ../nbs/07_data.ipynb #0b24b586
-def _tokenize_split(corpus, enc, folder, dtype, val_fraction, progress, batch_docs, num_threads):
+def _encode(docs:list[str], tokenizer:str, val_fraction:float, dtype) -> dict:
+    "Tokenizes a batch of documents (in a worker process): per split, the ids, the counts and the last document."
+    enc, out = get_tokenizer(tokenizer), {}
+    for doc in docs:
+        if not doc.strip(): continue
+        arr = np.array(enc.encode_ordinary(doc) + [enc.eot_token], dtype=dtype)
+        s = out.setdefault("val" if in_val_split(doc, val_fraction) else "train", dict(ids=[], counts=[0, 0, 0, 0]))
+        s["ids"].append(arr)
+        s["last"] = (arr, len(doc) + 1, len(doc.encode()) + 1)
+        s["counts"] = [a + b for a, b in zip(s["counts"], (1, len(arr), *s["last"][1:]))]
+    for s in out.values(): s["ids"] = np.concatenate(s["ids"])
+    return out
+
+def _pool(workers:int):
+    "Processes for `_encode` (forked: they start at once, with the tokenizer already loaded); None: encode here."
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    if workers < 2 or "fork" not in mp.get_all_start_methods(): return None
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+
+def _tokenize_split(corpus, tokenizer, folder, dtype, val_fraction, progress, batch_docs, workers):
     "Streams `corpus` into folder/{train,val}.bin; returns the counts per split, each split's last document, ids seen."
+    enc, t0 = get_tokenizer(tokenizer), time.time()
     count = {s: dict(documents=0, tokens=0, characters=0, bytes=0) for s in ("train", "val")}
-    last, t0, threads = {}, time.time(), num_threads or os.cpu_count() or 1
-    seen, by_bytes = np.zeros(enc.n_vocab, dtype=bool), corpus.size is not None
+    last, seen, by_bytes = {}, np.zeros(enc.n_vocab, dtype=bool), corpus.size is not None
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with open(folder/"train.bin", "wb") as ftrain, open(folder/"val.bin", "wb") as fval, \
          tqdm(total=corpus.size if by_bytes else corpus.n_docs, unit="B" if by_bytes else "doc", unit_scale=by_bytes,
               desc=f"tokenizing {corpus.name}", disable=not progress, leave=False) as bar:
         files = {"train": ftrain, "val": fval}
-        for batch in corpus.batches(batch_docs):
-            batch = [d for d in batch if d.strip()]
-            out = {"train": [], "val": []}
-            for doc, ids in zip(batch, enc.encode_ordinary_batch(batch, num_threads=threads)):
-                s = "val" if in_val_split(doc, val_fraction) else "train"
-                arr = np.array(ids + [enc.eot_token], dtype=dtype)
-                out[s].append(arr)
-                last[s] = (arr, len(doc) + 1, len(doc.encode()) + 1)
-                c = count[s]
-                c["documents"], c["tokens"] = c["documents"] + 1, c["tokens"] + len(arr)
-                c["characters"], c["bytes"] = c["characters"] + last[s][1], c["bytes"] + last[s][2]
-            for s, arrs in out.items():
-                if arrs:
-                    arr = np.concatenate(arrs)
-                    arr.tofile(files[s])
-                    seen[arr] = True
+        def write(done:dict, n_docs:int):
+            for s, d in done.items():
+                d["ids"].tofile(files[s])
+                seen[d["ids"]] = True
+                last[s] = d["last"]
+                for k, v in zip(count[s], d["counts"]): count[s][k] += v
             total = count["train"]["tokens"] + count["val"]["tokens"]
-            bar.update(corpus.read() - bar.n if by_bytes else len(batch))
+            bar.update(corpus.read() - bar.n if by_bytes else n_docs)
             bar.set_postfix(tokens=f"{total:,}", tok_s=f"{total / max(time.time() - t0, 1e-9):,.0f}")
+        pool, pending = _pool(workers), deque()
+        try:
+            for batch in corpus.batches(batch_docs):
+                if pool is None: write(_encode(batch, tokenizer, val_fraction, dtype), len(batch))
+                else:
+                    pending.append((pool.submit(_encode, batch, tokenizer, val_fraction, dtype), len(batch)))
+                    if len(pending) > 2 * workers: write(pending[0][0].result(), pending.popleft()[1])
+            while pending: write(pending[0][0].result(), pending.popleft()[1])
+        finally:
+            if pool is not None: pool.shutdown(cancel_futures=True)
     return count, last, np.flatnonzero(seen)
 
 def _move_last(folder:Path, count:dict, last:dict, src:str, dst:str, dtype):
@@ -155,7 +177,7 @@ def _check_length(count:dict, min_tokens:int|None, source:str):
 
 # %% ../nbs/07_data.ipynb #4945cb15
 def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path("datasets"), val_fraction:float=0.05,
-                      progress:bool=True, batch_docs:int=2048, num_threads:int|None=None,
+                      progress:bool=True, batch_docs:int=512, workers:int|None=None, # processes (default: one per core)
                       min_tokens:int|None=None, # each split must have at least this many tokens (one window + 1)
                      ) -> TokenCache:
     "Tokenizes `corpus` into `root/tokens/…` (or reuses the cache already there)."
@@ -175,7 +197,7 @@ def build_token_cache(corpus:Corpus, tokenizer:str="cl100k_base", root:Path=Path
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=root))
     dtype, t0 = token_dtype(enc.n_vocab), time.time()
     try:
-        count, last, vocab = _tokenize_split(corpus, enc, tmp, dtype, val_fraction, progress, batch_docs, num_threads)
+        count, last, vocab = _tokenize_split(corpus, tokenizer, tmp, dtype, val_fraction, progress, batch_docs, workers)
         total = count["train"]["documents"] + count["val"]["documents"]
         if total == 0: raise UserError(f"{corpus.source}: no text found (no non-empty documents)")
         if total < 2:

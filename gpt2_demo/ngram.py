@@ -11,6 +11,8 @@ __all__ = ['NGramIndex', 'kn_discounts', 'KneserNey', 'ngram_baselines']
 import hashlib, json, os, tempfile, time
 from pathlib import Path
 
+from tqdm import tqdm
+
 import numpy as np
 
 # %% ../nbs/08_ngram.ipynb #7c9e1305
@@ -168,9 +170,9 @@ def _method(modified:bool, discount) -> str:
     if discount is not None: return f"fixed discount {np.asarray(discount).tolist()}"
     return "modified KN" if modified else "plain KN"
 
-def _cache_key(train, val, vocab_size, orders, method) -> str:
+def _cache_key(train, pieces, vocab_size, orders, method) -> str:
     h = hashlib.sha256(json.dumps([_CACHE_VERSION, vocab_size, list(orders), method]).encode())
-    for a in (train, val):
+    for a in (train, *pieces):
         a = np.ascontiguousarray(a, dtype=np.int64)    # same ids in any dtype give the same key
         h.update(len(a).to_bytes(8, "little"))
         h.update(a.data)
@@ -181,28 +183,34 @@ def _int_keys(d:dict) -> dict:
     return {int(k) if k.isdigit() else k: _int_keys(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 # %% ../nbs/08_ngram.ipynb #06dd4313
-def ngram_baselines(train_ids, val_ids,   # 1-D token ids in [0, vocab_size)
+def ngram_baselines(train_ids,           # 1-D token ids in [0, vocab_size)
+                    val_ids,             # the same, or a list of such pieces (each scored after its first token)
                     vocab_size:int,       # number of token ids the model predicts over
                     orders=(1, 2, 3, 4, 5),  # model orders to fit
                     cache_dir=None,       # folder for the JSON result cache (None: no cache)
                     modified:bool=True,   # method, as in `KneserNey`
-                    discount=None) -> dict:
+                    discount=None,
+                    progress:bool=False) -> dict: # a progress bar: the index, then each order
     "Validation nats/token of a KN model of each order: `{order: nats, 'seconds': {order: s}, ...}`, cached."
-    method = _method(modified, discount)
+    method, pieces = _method(modified, discount), val_ids if isinstance(val_ids, list) else [val_ids]
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir)/f"ngram-{_cache_key(train_ids, val_ids, vocab_size, orders, method)}.json"
+        path = Path(cache_dir)/f"ngram-{_cache_key(train_ids, pieces, vocab_size, orders, method)}.json"
         try: return _int_keys(json.loads(path.read_text()))
         except (FileNotFoundError, ValueError): pass        # no cache yet (or an unreadable one): compute
+    bar = tqdm(total=len(orders) + 1, desc="n-gram baselines", unit="model", leave=False, disable=not progress)
     t0 = time.perf_counter()
     index = NGramIndex(train_ids, vocab_size, max(orders))
-    res = {"method": method, "vocab_size": vocab_size, "targets": len(val_ids) - 1,
+    bar.update()
+    res = {"method": method, "vocab_size": vocab_size, "targets": sum(len(p) - 1 for p in pieces),
            "index_seconds": round(time.perf_counter() - t0, 3), "seconds": {}}
     for n in orders:
         t = time.perf_counter()
-        res[n] = KneserNey(n, vocab_size=vocab_size, modified=modified, discount=discount).fit(
-            train_ids, index=index).nats_per_token(val_ids)
+        kn = KneserNey(n, vocab_size=vocab_size, modified=modified, discount=discount).fit(train_ids, index=index)
+        res[n] = float(-np.concatenate([kn.logprobs(p) for p in pieces]).mean())
         res["seconds"][n] = round(time.perf_counter() - t, 3)
+        bar.update()
+    bar.close()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-ngram-", suffix=".json")

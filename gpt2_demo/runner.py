@@ -281,14 +281,15 @@ def heldout_loss(model, batches, # (inputs, targets) pairs of (B, T) ids; target
     if count == 0: raise UserError("nothing to score: every held-out target is masked")
     return total / count
 
-def evaluate(model, tokens, context_len:int, batch_size:int, max_batches:int, device, precision:str="fp32") -> float:
+def evaluate(model, tokens, context_len:int, batch_size:int, max_batches:int, device, precision:str="fp32",
+             progress:bool=False) -> float:
     "Mean loss over up to `max_batches` batches of evenly spread non-overlapping windows of `tokens` (model ids)."
     ds = GPTDataset(tokens, context_len, context_len)
     if len(ds) == 0:
         raise UserError(f"the validation split has {len(tokens):,} tokens, fewer than one window ({context_len} + 1)")
     idx = np.unique(np.linspace(0, len(ds) - 1, min(len(ds), max_batches * batch_size)).round().astype(int))
-    batches = (tuple(torch.stack(t) for t in zip(*(ds[j] for j in idx[i:i + batch_size])))
-               for i in range(0, len(idx), batch_size))
+    starts = tqdm(range(0, len(idx), batch_size), desc="evaluating", unit="batch", leave=False, disable=not progress)
+    batches = (tuple(torch.stack(t) for t in zip(*(ds[j] for j in idx[i:i + batch_size]))) for i in starts)
     return heldout_loss(model, batches, torch.device(device), precision)
 
 # %% ../nbs/09a_runner.ipynb #7a8c8c0f
@@ -301,7 +302,8 @@ class Logger:
                  purge_step:int|None=None,
                  flops_per_token:float|None=None, peak_flops:float|None=None):   # for MFU, on a known GPU
         self.by_time, self.name, self.ppl, self.fpt, self.peak = by_time, name, perplexity, flops_per_token, peak_flops
-        self.bar = tqdm(total=round(total), initial=round(initial), unit="s" if by_time else "step",
+        fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} s of the time budget [{elapsed}{postfix}]" if by_time else None
+        self.bar = tqdm(total=round(total), initial=round(initial), unit="step", bar_format=fmt, desc="training",
                         dynamic_ncols=True, disable=not progress or log_dir is None)
         self._shown = round(initial)
         self.tb = None
@@ -435,8 +437,7 @@ class Runner:
     def __init__(self, task:Task, run:Run,
                  model=None, # the model to train (None: the task builds it); resumed weights are loaded into it
                  log_name:str|None=None, # TensorBoard folder under LOG_DIR (default: the run's name)
-                 say_name:str="", # what its evaluation lines start with
-                ):
+                 say_name:str=""): # what its evaluation lines start with
         self.task, self.run, c = task, run, task.cfg
         self.rank, self.world, self.device, self.master = task.rank, task.world, task.device, task.rank == 0
         if self.master: run.recover()                      # a save killed half-way: put back what it set aside
