@@ -33,7 +33,8 @@ class NGramIndex:
     "Dense ids of the distinct n-grams (n ≤ `order`) of a token sequence, with raw and continuation counts."
     def __init__(self, ids,          # 1-D token ids in [0, vocab_size)
                  vocab_size:int,     # number of possible token ids
-                 order:int):         # longest n-gram to index
+                 order:int,          # longest n-gram to index
+                 on_level=None):     # called after each level is indexed (progress)
         t, V = _as_ids(ids, vocab_size), vocab_size
         if len(t) == 0: raise ValueError("cannot count the n-grams of an empty token sequence")
         if len(t) * V >= 2**63:
@@ -50,6 +51,7 @@ class NGramIndex:
             self.keys.append(keys)
             self.raw.append(np.bincount(g_new, minlength=len(keys)))
             g = g_new
+            if on_level: on_level()
         self.cont.append(None)  # the longest n-grams have no indexed left extensions
 
     def lookup(self, ids, order:int) -> list:
@@ -190,7 +192,7 @@ def ngram_baselines(train_ids,           # 1-D token ids in [0, vocab_size)
                     cache_dir=None,       # folder for the JSON result cache (None: no cache)
                     modified:bool=True,   # method, as in `KneserNey`
                     discount=None,
-                    progress:bool=False) -> dict: # a progress bar: the index, then each order
+                    progress:bool=False) -> dict: # a progress bar: indexing, then each order
     "Validation nats/token of a KN model of each order: `{order: nats, 'seconds': {order: s}, ...}`, cached."
     method, pieces = _method(modified, discount), val_ids if isinstance(val_ids, list) else [val_ids]
     path = None
@@ -198,10 +200,10 @@ def ngram_baselines(train_ids,           # 1-D token ids in [0, vocab_size)
         path = Path(cache_dir)/f"ngram-{_cache_key(train_ids, pieces, vocab_size, orders, method)}.json"
         try: return _int_keys(json.loads(path.read_text()))
         except (FileNotFoundError, ValueError): pass        # no cache yet (or an unreadable one): compute
-    bar = tqdm(total=len(orders) + 1, desc="n-gram baselines", unit="model", leave=False, disable=not progress)
+    bar = tqdm(total=max(orders) + len(orders), desc="n-gram baselines", unit="step", leave=False,
+               disable=not progress)                      # indexing each length of n-gram, then fitting each order
     t0 = time.perf_counter()
-    index = NGramIndex(train_ids, vocab_size, max(orders))
-    bar.update()
+    index = NGramIndex(train_ids, vocab_size, max(orders), on_level=bar.update)
     res = {"method": method, "vocab_size": vocab_size, "targets": sum(len(p) - 1 for p in pieces),
            "index_seconds": round(time.perf_counter() - t0, 3), "seconds": {}}
     for n in orders:
