@@ -37,6 +37,10 @@ def runs(tmp_path_factory) -> dict:
                 "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches",
                 "2", "--save-every", "2", "--sample-tokens", "4", "--eval-tokens", "8192", "--ngram-tokens", "300000"]
         out[size] = run_measured(args, d, d/"out.log")
+        if size == SIZES[0]:                             # the same on a time budget (its bar counts seconds)
+            i = args.index("--max-steps")
+            budget = args[:i] + args[i + 2:] + ["--time-budget", "0.1"]
+            out["budget"] = run_measured(budget, d, d/"budget.log")
     return out
 
 
@@ -70,3 +74,11 @@ def test_every_long_phase_shows_progress(runs):
         assert re.search(rf"{phase}:\s+\d+%", log), f"no progress bar for {phase!r}"
     assert re.search(r"tokenizing wiki: 100%.*40\.0M/40\.0M", log)        # counted in bytes of the file
     assert "TqdmWarning" not in log and "<-" not in log                   # no clamping warning, no negative time
+
+
+def test_time_budget_bar_counts_whole_seconds(runs):
+    status, _, log = runs["budget"]
+    assert status == 0, log[-2000:]
+    bars = re.findall(r"training:\s+\d+%\|[^|]*\| (\S+)/(\S+) s of the time budget", log)
+    assert bars and all(n.isdigit() and t == "6" for n, t in bars), bars[-3:]   # 0.1 min: whole seconds, of 6
+    assert bars[-1][0] == "6" and "TqdmWarning" not in log and "<-" not in log
