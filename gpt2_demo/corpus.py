@@ -196,9 +196,9 @@ def _json_docs(path:Path, t:_Text, text_field) -> tuple[str, Iterator[str]]:
     values = json_values(path, t)
     first = next(values, None)
     if first is None: raise UserError(f"{path}: no records")
-    for where, v in (first,):
-        if not isinstance(v, dict): raise UserError(f"{where} is not an object with fields (a JSON record)")
-    fld = _pick_field(list(first[1]), text_field, str(path))
+    where, v = first
+    if not isinstance(v, dict): raise UserError(f"{where} is not an object with fields (a JSON record)")
+    fld = _pick_field(list(v), text_field, str(path))
     def docs():
         for where, v in itertools.chain([first], values):
             if not isinstance(v, dict): raise UserError(f"{where} is not an object with fields (a JSON record)")
