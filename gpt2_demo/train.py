@@ -210,7 +210,7 @@ def _new_model(cfg:TrainConfig, cache) -> DummyGPT:
 
 # %% ../nbs/10_train.ipynb #89d264bd
 class Pretraining(Task):
-    "Pretraining on the runner: windows of a token cache, the next-token loss, sampled and whole-split evaluation."
+    "Pretraining on the runner: windows of a token cache, the next-token loss, sampled and final evaluation."
     name = "pretrain"
 
     def build(self, model=None) -> DummyGPT:
@@ -259,7 +259,7 @@ class Pretraining(Task):
     def scored(self) -> str:
         "What the final evaluation and the baselines score."
         n, (a, b) = len(self.val_ids), self.pieces[0]
-        if b - a == n: return f"the whole validation split ({n - 1:,} tokens)"
+        if b - a == n: return f"the whole validation split ({n:,} tokens)"
         return (f"{sum(b - a - 1 for a, b in self.pieces):,} validation tokens ({len(self.pieces)} pieces of {b - a:,} "
                 f"spread over the {n:,}-token split; --eval-tokens)")
 
