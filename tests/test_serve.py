@@ -102,7 +102,8 @@ def zh(ckpts, env, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat(ckpts, env, tmp_path_factory):
-    s = Server(["--checkpoint", ckpts["chat"], "--max-chars", 500], env, tmp_path_factory.mktemp("logs") / "chat.log")
+    s = Server(["--checkpoint", ckpts["chat"], "--max-chars", 500, "--name", "tiny-chat"], env,
+               tmp_path_factory.mktemp("logs") / "chat.log")
     yield s
     s.stop()
 
@@ -309,3 +310,133 @@ def test_errors(zh, chat):
     for s in (zh, chat):                                   # no traceback, and the server goes on serving
         assert "Traceback" not in s.log()
         assert s.http.post("/v1/completions", json={"prompt": "你好", "max_tokens": 2}).status_code == 200
+
+
+# ---- the page, in headless Chromium -----------------------------------------------------------------------------
+
+class Browser:
+    "Headless Chromium driven over the Chrome DevTools Protocol (a websocket): no driver, nothing downloaded."
+    def __init__(self, exe: str, profile: Path):
+        import websocket
+        self.proc = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                      "--no-default-browser-check", "--no-proxy-server", f"--user-data-dir={profile}",
+                                      "--remote-debugging-port=0", "--remote-allow-origins=*",
+                                      "--window-size=1000,720", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 30
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"{exe} did not start (exit status {self.proc.poll()})")
+            time.sleep(0.05)
+        port = port_file.read_text().split()[0]
+        pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", trust_env=False).json()
+                 if t["type"] == "page"]
+        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+        self.n = 0
+
+    def call(self, method: str, **params) -> dict:
+        self.n += 1
+        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:                                            # events in between are not needed here
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.n:
+                assert "error" not in msg, msg
+                return msg["result"]
+
+    def js(self, expr: str):
+        r = self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in r, r
+        return r["result"].get("value")
+
+    def wait(self, expr: str, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while not (value := self.js(expr)):
+            assert time.monotonic() < deadline, (f"still false after {timeout} s: {expr}; the page shows: "
+                                                 + str(self.js("document.body.innerText")))
+            time.sleep(0.02)
+        return value
+
+    def open(self, url: str):
+        self.call("Page.navigate", url=url)
+        self.wait("document.readyState === 'complete' && document.body.dataset.state === 'idle'")
+
+    def type(self, text: str):
+        "Types `text` into the prompt box (as an input method would) and presses Send."
+        self.js("document.getElementById('prompt').focus()")
+        self.call("Input.insertText", text=text)
+        self.js("document.getElementById('send').click()")
+
+    def set(self, **controls):
+        for k, v in controls.items(): self.js(f"document.getElementById('{k}').value = '{v}'")
+
+    def close(self):
+        if getattr(self, "ws", None): self.ws.close()
+        self.proc.terminate()
+        try: self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired: self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    try: b = Browser(exe, tmp_path_factory.mktemp("chromium")) if exe else None
+    except Exception as e: b, why = None, f"Chromium cannot run here ({e})"
+    else: why = "Chromium is not installed"
+    if b is None:
+        if os.environ.get("CI"): pytest.fail(f"{why}; CI must run the browser test (.ci/run installs chromium)")
+        pytest.skip(f"{why}: install it (Debian/Ubuntu: apt-get install chromium) to run the browser test")
+    yield b
+    b.close()
+
+
+LAST = "Array.from(document.querySelectorAll('#log .{} .text')).pop()?.textContent"
+DONE = "document.body.dataset.state === 'idle' && /finish/.test(document.getElementById('status').textContent)"
+
+
+def test_page_chat_multi_turn_in_chinese(browser, chat):
+    assert chat.name == "tiny-chat"                                  # --name
+    browser.open(chat.url + "/")
+    assert browser.js("document.getElementById('mode').textContent") == "chat"
+    browser.set(temperature=0, max_tokens=10, repetition_penalty=1, top_p=1)
+    messages = []
+    for question, answer in TALK[:2]:
+        browser.type(question)
+        browser.wait(DONE)
+        shown = browser.js(LAST.format("assistant"))
+        messages.append({"role": "user", "content": question})
+        api = chat.http.post("/v1/chat/completions", json={"messages": messages, "temperature": 0, "max_tokens": 10,
+                                                           "repetition_penalty": 1}).json()
+        assert shown == api["choices"][0]["message"]["content"] == answer   # the 2nd needs the 1st in the prompt
+        messages.append({"role": "assistant", "content": shown})
+    if path := os.environ.get("GPT2_SCREENSHOT"):                 # e.g. nbs/images/serve.png, for the README
+        Path(path).write_bytes(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))
+    browser.type("<b>粗体</b><script>x=1</script>")                  # shown as text, never as HTML
+    browser.wait("document.body.dataset.state === 'idle'")
+    assert browser.js(LAST.format("user")) == "<b>粗体</b><script>x=1</script>"
+    assert browser.js("document.querySelector('#log b, #log script') === null && typeof x === 'undefined'")
+
+
+def test_page_completion_equals_api_and_stop_stops_the_server(browser, zh):
+    browser.open(zh.url + "/")
+    assert browser.js("document.getElementById('mode').textContent").startswith("completion")
+    browser.set(temperature=0, max_tokens=40, repetition_penalty=1.3, top_p=1)
+    browser.type("北京今天")
+    browser.wait(DONE)
+    api = zh.http.post("/v1/completions", json={"prompt": "北京今天", "temperature": 0, "max_tokens": 40,
+                                                 "repetition_penalty": 1.3}).json()["choices"][0]["text"]
+    assert browser.js(LAST.format("completion")) == api and api
+    served = zh.http.get("/health").json()["served"]
+    browser.set(max_tokens=MAX_TOKENS)
+    browser.type("人民")
+    # the answer streams in: text on the page while the server is still generating
+    browser.wait(f"document.body.dataset.state === 'streaming' && ({LAST.format('completion')} || '').length > 0")
+    browser.js("document.getElementById('stop').click()")
+    browser.wait("document.body.dataset.state === 'idle'")
+    assert browser.js("document.getElementById('status').textContent") == "stopped"
+    deadline = time.monotonic() + 20
+    while (h := zh.http.get("/health").json())["served"] == served:
+        assert time.monotonic() < deadline, "the generation did not end"
+        time.sleep(0.05)
+    job = h["recent"][-1]
+    assert job["finish"] == "cancelled" and job["tokens"] < MAX_TOKENS and job["tokens_after_cancel"] <= 1, job
