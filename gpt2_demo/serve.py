@@ -188,9 +188,14 @@ class Job:
     cancel:threading.Event = field(default_factory=threading.Event)
     done:Completion = field(default_factory=Completion)
     finish:str|None = None      # stop, length, cancelled (the client left), error
-    cancelled_at:int|None = None  # tokens generated when cancellation was seen to be asked for
+    cancelled_at:int|None = None  # tokens generated when the client left (or pressed Stop)
     seconds:float = 0.0         # generation time, from the first forward pass to the last token
     first_token_s:float|None = None
+
+    def stop(self):
+        "Asks the generation to stop after the token being computed (safe from any thread, more than once)."
+        if self.cancelled_at is None and self.finish is None: self.cancelled_at = len(self.done.tokens)
+        self.cancel.set()
 
     def summary(self) -> dict:
         "What `/health` shows of a finished job."
@@ -228,7 +233,6 @@ class Generator:
         try:
             for piece in pieces:
                 if job.first_token_s is None: job.first_token_s = time.perf_counter() - t0
-                if job.cancel.is_set() and job.cancelled_at is None: job.cancelled_at = len(job.done.tokens)
                 shown, hit = stop.push(piece)
                 if shown: emit(shown)
                 if hit:
@@ -237,7 +241,6 @@ class Generator:
         finally: pieces.close()                                  # a stop string: the loop ends at once
         if job.done.finish == "cancelled":
             job.finish = "cancelled"
-            if job.cancelled_at is None: job.cancelled_at = len(job.done.tokens)
             return
         if rest := stop.flush(): emit(rest)
         job.finish = job.done.finish
@@ -265,7 +268,7 @@ class _EventStream(StreamingResponse):
         tasks = [asyncio.ensure_future(self.stream_response(send)), asyncio.ensure_future(disconnected())]
         try: await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self.job.cancel.set()                       # the generation stops after the token being computed
+            self.job.stop()                             # the generation stops after the token being computed
             for t in tasks: t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)     # a client gone mid-send is not an error
 
@@ -369,15 +372,15 @@ def make_app(served:ServedModel, # the model, its encoding and name
                         yield _sse(chunk(finish=_finish(job)))
                         if include_usage: yield _sse({**chunk(), "choices": [], "usage": usage()})
                     yield "data: [DONE]\n\n"
-                finally: job.cancel.set()
+                finally: job.stop()
             return _EventStream(events(), job)
         pieces, waiter = [], asyncio.ensure_future(_drain(q))
         try:
             while not waiter.done():
                 await asyncio.wait({waiter}, timeout=0.25)
-                if not waiter.done() and await request.is_disconnected(): job.cancel.set()
+                if not waiter.done() and await request.is_disconnected(): job.stop()
             pieces = waiter.result()
-        finally: job.cancel.set()
+        finally: job.stop()
         if job.finish == "error": raise APIError(500, "generation failed; see the server's log", None,
                                                  "internal_error", "server_error")
         text = "".join(pieces)
