@@ -20,7 +20,7 @@ from gpt2_demo.generate import generate
 from gpt2_demo.model import DummyGPT, get_config
 from gpt2_demo.sft import TEMPLATE
 from gpt2_demo.tokenizer import ModelEncoding, get_tokenizer
-from test_interactive import TALK, ZH, chat_script, scripted_model
+from test_interactive import LONG_TALK, TALK, ZH, chat_script, scripted_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 1024                         # the server's limit per request (its default)
@@ -44,7 +44,9 @@ def ckpts(tmp_path_factory) -> dict:
                                         context_len=256)), d / "zh")
     chat = ModelEncoding(cl, enc.ids, specials=TEMPLATE.specials)
     save_checkpoint(scripted_model(chat, chat_script(chat, TALK)), d / "chat", chat_template=TEMPLATE.name)
-    return {"zh": d / "zh", "chat": d / "chat"}
+    long_script = chat_script(chat, LONG_TALK, kept=lambda i: [1] if i == 2 else range(i))   # 1st dropped
+    save_checkpoint(scripted_model(chat, long_script), d / "chat-long", chat_template=TEMPLATE.name)
+    return {"zh": d / "zh", "chat": d / "chat", "chat-long": d / "chat-long"}
 
 
 @pytest.fixture(scope="module")
@@ -440,3 +442,34 @@ def test_page_completion_equals_api_and_stop_stops_the_server(browser, zh):
         time.sleep(0.05)
     job = h["recent"][-1]
     assert job["finish"] == "cancelled" and job["tokens"] < MAX_TOKENS and job["tokens_after_cancel"] <= 1, job
+
+
+def test_page_sse_reader_keeps_split_lines_and_characters(browser, zh):
+    "The page's SSE reader against bytes cut everywhere: inside lines, events and UTF-8 characters."
+    browser.open(zh.url + "/")
+    script = """(async (size) => {
+      const bytes = new TextEncoder().encode('data: {"choices":[{"text":"北京"}]}\\n\\n: comment\\n' +
+                                             'data: {"choices":[{"text":"你好，世界"}]}\\r\\n\\ndata: [DONE]\\n\\n');
+      const body = new ReadableStream({ start(c) {
+        for (let i = 0; i < bytes.length; i += size) c.enqueue(bytes.slice(i, i + size));
+        c.close(); } });
+      const got = [];
+      const done = await readEvents(new Response(body), (ev) => got.push(ev.choices[0].text));
+      return JSON.stringify([done, got]);
+    })(SIZE)"""
+    for size in (1, 2, 4, 5, 7, 1000):
+        assert json.loads(browser.js(script.replace("SIZE", str(size)))) == [True, ["北京", "你好，世界"]], size
+
+
+def test_page_drops_oldest_exchange_to_stay_within_context(browser, ckpts, env, tmp_path):
+    s = Server(["--checkpoint", ckpts["chat-long"]], env, tmp_path / "chat-long.log")
+    try:
+        browser.open(s.url + "/")
+        browser.set(temperature=0, max_tokens=16, repetition_penalty=1, top_p=1)
+        for (question, answer), dropped in zip(LONG_TALK, (False, False, True)):
+            browser.type(question)
+            browser.wait(DONE)
+            assert browser.js(LAST.format("assistant")) == answer        # the 3rd: only without the 1st exchange
+            status = browser.js("document.getElementById('status').textContent")
+            assert ("dropped the 1 oldest exchange" in status) == dropped, status
+    finally: s.stop()
