@@ -190,6 +190,16 @@ def test_openai_client_sees_errors(zh):
         zh.client().completions.create(model="gpt-4", prompt="你好")
 
 
+def test_keep_alive_answers_without_delay(zh):
+    "A reused connection is answered at once (TCP_NODELAY: no 40 ms wait between Nagle and delayed ACKs)."
+    times = []
+    for _ in range(9):
+        t = time.perf_counter()
+        assert zh.http.get("/health").status_code == 200
+        times.append(time.perf_counter() - t)
+    assert sorted(times)[4] < 0.03, times
+
+
 def test_raw_sse_shape_and_usage(zh):
     body = {"model": zh.name, "prompt": "你好", "max_tokens": 12, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
