@@ -470,10 +470,12 @@ def parser() -> ConfigParser:
     p.add_config(ServeConfig)
     return p
 
-def _model_name(source:str) -> str:
-    "A short public name for a model from `load_model`'s description, e.g. `demo/step_000500` or `gpt2`."
-    where = source.split(" ", 1)[-1] if source.startswith("checkpoint ") else source.rsplit(" ", 1)[-1]
-    return "/".join(Path(where).parts[-2:]) if source.startswith("checkpoint ") else where
+def _model_name(source:str, model_dir:str="model") -> str:
+    "A public name for a model from `load_model`'s description: its folder under `model_dir`, or its hub name."
+    if not source.startswith("checkpoint "): return source.rsplit(" ", 1)[-1]
+    path = Path(source.split(" ", 1)[1]).resolve()
+    try: return path.relative_to(Path(model_dir).resolve()).as_posix()
+    except ValueError: return "/".join(path.parts[-2:])                # elsewhere: its run and checkpoint
 
 def _listen(host:str, port:int) -> socket.socket:
     "A listening socket on `host:port`; `UserError` if it cannot be had."
@@ -497,7 +499,7 @@ def main(argv:list[str]|None=None) -> int:
         sock = _listen(cfg.host, cfg.port)
         model, enc, source = load_model(cfg.checkpoint or cfg.hf, cfg.model_dir, resolve_device(cfg.device),
                                         cfg.dtype)
-        served = ServedModel(model, enc, cfg.name or _model_name(source), describe(model, enc, source))
+        served = ServedModel(model, enc, cfg.name or _model_name(source, cfg.model_dir), describe(model, enc, source))
         limits = Limits(cfg.max_tokens, min(256, cfg.max_tokens), cfg.max_chars)
         app = make_app(served, limits, cfg.api_key, cfg.max_waiting)
         host, port = sock.getsockname()[:2]
