@@ -116,7 +116,7 @@ class StopText:
         return held
 
 # %% ../nbs/16_serve.ipynb #04c73fac
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "developer")   # developer: OpenAI's newer name for system
 
 def _text_content(m:dict, i:int) -> str:
     "The text of message `i`: a string, or OpenAI's list of text parts."
@@ -150,7 +150,7 @@ def chat_ids(model, enc, messages, settings:Settings, limits:Limits) -> list[int
         if len(text) > limits.max_chars:
             raise APIError(400, f"messages[{i}] is {len(text):,} characters, more than the {limits.max_chars:,} "
                                 f"allowed; shorten it", f"messages[{i}].content", "message_too_long")
-        clean.append({"role": m["role"], "content": text})
+        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": text})
     ids, ctx = template.prompt(enc, clean), model.cfg.context_len
     room = min(settings.max_new_tokens, ctx // 4)
     if len(ids) + room > ctx:

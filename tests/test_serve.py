@@ -200,6 +200,16 @@ def test_keep_alive_answers_without_delay(zh):
     assert sorted(times)[4] < 0.03, times
 
 
+def test_system_and_developer_messages(chat, ckpts):
+    "A system message (or OpenAI's newer `developer`) is the template's system turn."
+    enc = load_checkpoint(ckpts["chat"]).cfg.encoding
+    for role in ("system", "developer"):
+        messages = [{"role": role, "content": "你是助手"}, {"role": "user", "content": "你好"}]
+        r = chat.http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1}).json()
+        want = chat_ids(enc, [{"role": "system", "content": "你是助手"}, messages[1]])
+        assert r["usage"]["prompt_tokens"] == len(want)
+
+
 def test_raw_sse_shape_and_usage(zh):
     body = {"model": zh.name, "prompt": "你好", "max_tokens": 12, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
