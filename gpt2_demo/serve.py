@@ -391,7 +391,8 @@ def make_app(served:ServedModel, # the model, its encoding and name
                     while (pieces := await q.batch())[-1] is not None:
                         # one event per piece, all the pieces ready written at once: fewer sends per token
                         yield "".join(_sse(chunk({"content": p}) if chat else chunk(text=p)) for p in pieces)
-                    yield "".join(_sse(chunk({"content": p}) if chat else chunk(text=p)) for p in pieces[:-1])
+                    if pieces[:-1]:
+                        yield "".join(_sse(chunk({"content": p}) if chat else chunk(text=p)) for p in pieces[:-1])
                     if job.finish == "error":
                         yield _sse({"error": {"message": "generation failed; see the server's log",
                                               "type": "server_error", "param": None, "code": "internal_error"}})

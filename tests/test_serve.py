@@ -254,7 +254,7 @@ def test_eight_concurrent_clients_get_their_own_answers(zh):
     assert len({text for text, _ in alone}) == 8
 
 
-def test_health_answers_during_a_long_generation(zh):
+def test_health_answers_during_a_long_generation_and_a_waiting_client_may_leave(zh):
     with ThreadPoolExecutor(1) as pool:
         long = pool.submit(lambda: zh.client().completions.create(model=zh.name, prompt="北京", temperature=0,
                                                                   max_tokens=MAX_TOKENS))
@@ -264,9 +264,17 @@ def test_health_answers_during_a_long_generation(zh):
             h = zh.http.get("/health").json()
             slowest = max(slowest, time.perf_counter() - t)
             busy += h["busy"]
+            if busy == 1:                     # a second request waits behind the long one, then its client leaves
+                body = {"prompt": "你好", "max_tokens": 5, "stream": True}
+                with zh.http.stream("POST", "/v1/completions", json=body) as r:
+                    assert r.status_code == 200 and zh.http.get("/health").json()["waiting"] == 1
+                    served = zh.http.get("/health").json()["served"]
             time.sleep(0.02)
         assert long.result().usage.completion_tokens == MAX_TOKENS
     assert busy >= 3 and slowest < 0.5, (busy, slowest)          # answered, quickly, while the model was busy
+    h = zh.http.get("/health").json()
+    assert h["served"] == served + 2 and h["recent"][-1]["tokens"] == 0                 # dropped at its turn
+    assert h["recent"][-1]["finish"] == "cancelled" and h["recent"][-2]["tokens"] == MAX_TOKENS
 
 
 def test_disconnect_stops_the_generation(zh):
