@@ -441,6 +441,12 @@ def test_page_chat_multi_turn_in_chinese(browser, chat):
         messages.append({"role": "assistant", "content": shown})
     if path := os.environ.get("GPT2_SCREENSHOT"):                 # e.g. nbs/images/serve.png, for the README
         Path(path).write_bytes(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))
+    browser.type("长" * 501)                                         # refused (--max-chars 500): said on the page,
+    browser.wait("document.body.dataset.state === 'idle'")            # and the turn leaves the history
+    assert "501 characters" in browser.js(LAST.format("error"))
+    browser.type(TALK[2][0])
+    browser.wait(DONE)
+    assert browser.js(LAST.format("assistant")) == TALK[2][1]        # needs exactly the two exchanges before it
     browser.type("<b>粗体</b><script>x=1</script>")                  # shown as text, never as HTML
     browser.wait("document.body.dataset.state === 'idle'")
     assert browser.js(LAST.format("user")) == "<b>粗体</b><script>x=1</script>"
