@@ -292,6 +292,19 @@ def test_disconnect_stops_the_generation(zh):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3    # the server goes on
 
 
+def test_disconnect_stops_a_non_streamed_generation(zh):
+    served = zh.http.get("/health").json()["served"]
+    with httpx.Client(base_url=zh.url, timeout=0.5, trust_env=False) as impatient:
+        with pytest.raises(httpx.ReadTimeout):           # the client gives up and closes the connection
+            impatient.post("/v1/completions", json={"prompt": "北京", "max_tokens": MAX_TOKENS, "temperature": 0})
+    deadline = time.monotonic() + 20
+    while (h := zh.http.get("/health").json())["served"] == served:
+        assert time.monotonic() < deadline, "the generation did not end"
+        time.sleep(0.05)
+    job = h["recent"][-1]
+    assert job["finish"] == "cancelled" and job["tokens"] < MAX_TOKENS, job
+
+
 # ---- bad requests ---------------------------------------------------------------------------------------------
 
 def msgs(*contents): return [{"role": "user", "content": c} for c in contents]
