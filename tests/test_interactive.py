@@ -97,13 +97,15 @@ def chat_script(enc: ModelEncoding, exchanges, kept=lambda i: range(i), ctx: int
     return script
 
 
-def expected(ckpt: Path, prompt: str, n: int, temperature=0.0, top_k=None, top_p=None, seed=None) -> str:
+def expected(ckpt: Path, prompt: str, n: int, temperature=0.0, top_k=None, top_p=None, seed=None,
+             repetition_penalty=1.0) -> str:
     "What the tool must print for `prompt`: the text of the tokens `generate` produces, up to <|endoftext|>."
     m = load_checkpoint(ckpt)
     enc = m.cfg.encoding
     p = enc.encode_ordinary(prompt)
     g = torch.Generator().manual_seed(seed) if seed is not None else None
-    new = generate(m, torch.tensor([p]), n, temperature, top_k, top_p, eos_id=enc.eot_token, generator=g)[0, len(p):].tolist()
+    new = generate(m, torch.tensor([p]), n, temperature, top_k, top_p, eos_id=enc.eot_token, generator=g,
+                   repetition_penalty=repetition_penalty)[0, len(p):].tolist()
     if enc.eot_token in new: new = new[:new.index(enc.eot_token)]
     text = enc.decode(new)
     held = codecs.getincrementaldecoder("utf-8")("replace")
@@ -170,7 +172,8 @@ def test_repl_streams_chinese_without_broken_characters(ckpts, env):
 def test_repl_settings_and_seeded_sampling(ckpts, env, home):
     child = spawn("--checkpoint", ckpts["zh"], "--max-new-tokens", "20", env=env)
     assert command(child, "/temperature 0.7") == "temperature = 0.7\n"
-    assert command(child, "/settings") == "temperature 0.7, top_k 50, top_p off, max_new_tokens 20, seed off\n"
+    assert command(child, "/settings") == ("temperature 0.7, top_k 50, top_p off, max_new_tokens 20, seed off, "
+                                           "repetition_penalty 1\n")
     # invalid values and unknown commands: one line, and the session goes on with the old settings
     assert command(child, "/temperature abc") == "error: temperature must be a number, got 'abc'\n"
     assert command(child, "/top_k 0") == "error: top_k must be an integer >= 1, got 0\n"
@@ -179,13 +182,18 @@ def test_repl_settings_and_seeded_sampling(ckpts, env, home):
     assert "/max_new_tokens N" in command(child, "/help")
     assert command(child, "/top_k off") == "top_k = off\n"
     assert command(child, "/seed 5") == "seed = 5\n"
-    assert command(child, "/settings") == "temperature 0.7, top_k off, top_p off, max_new_tokens 20, seed 5\n"
+    assert command(child, "/settings") == ("temperature 0.7, top_k off, top_p off, max_new_tokens 20, seed 5, "
+                                           "repetition_penalty 1\n")
     a, _ = ask(child, "北京今天")
     b, _ = ask(child, "北京今天")                # reseeded per completion: the same text again
     assert a == b == expected(ckpts["zh"], "北京今天", 20, temperature=0.7, seed=5)
     command(child, "/greedy")
     c, _ = ask(child, "北京今天")
     assert c == expected(ckpts["zh"], "北京今天", 20)
+    assert command(child, "/repetition_penalty 0") == "error: repetition_penalty must be a number > 0 (1 = off), got 0.0\n"
+    assert command(child, "/repetition_penalty 1.5") == "repetition_penalty = 1.5\n"
+    d, _ = ask(child, "北京今天")
+    assert d == expected(ckpts["zh"], "北京今天", 20, repetition_penalty=1.5) != c
     child.sendline("/quit")
     child.expect(pexpect.EOF); child.close()
     assert child.exitstatus == 0
