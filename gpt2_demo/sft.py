@@ -495,7 +495,9 @@ def demo_config(given:dict, demo:bool) -> SFTConfig:
         raise UserError("--demo runs on its own data from pretrained and random weights, and cannot be "
                         "resumed; leave out --data, --random-init and --resume")
     now = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return SFTConfig(**{**({**DEMO, "run_name": f"sft-demo-{now}"} if demo else {}), **given})
+    base = {**DEMO, "run_name": f"sft-demo-{now}"} if demo else {}
+    if "time_budget" in given: base.pop("max_steps", None)        # a budget given replaces the demo's steps
+    return SFTConfig(**{**base, **given})
 
 def report(s:dict) -> str:
     "The end-of-run report: the loss on the answers, the exact answers, where the model is, how to chat."
