@@ -242,7 +242,7 @@ def _file_corpus(path:Path, source, text_field, txt_docs, max_samples, progress:
     if kind == "parquet": return _parquet_corpus(path, source, fp, text_field, max_samples)
     if kind == "json":                                           # the field is checked now, not when tokenizing
         with open(path, "rb") as f: fld = _json_docs(path, _Text(f), text_field)[0]
-    else: fld = None
+    else: fld = "text"                                           # a line or paragraph is the text
     state = {"t": None}
     def docs():
         with open(path, "rb") as f:
