@@ -6,7 +6,7 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/interactive.html.md"""
 
 # %% auto #0
 __all__ = ['PROMPT', 'Settings', 'parse_setting', 'run_command', 'load_model', 'describe', 'Completion', 'stream_text', 'Session',
-           'ReplConfig', 'parser', 'config_from_args', 'main']
+           'ModelChoice', 'ReplConfig', 'parser', 'config_from_args', 'main']
 
 # %% ../nbs/11_interactive.ipynb #644b6061
 import math, os, re, signal, sys, threading, time, typing
@@ -330,23 +330,34 @@ def chat_prompt(self:Session, text:str, # the user's new turn
 
 # %% ../nbs/11_interactive.ipynb #35fead0d
 @dataclass(frozen=True)
-class ReplConfig:
-    "Which model to talk to, and how (the sampling settings are `Settings`)."
+class ModelChoice:
+    "Which saved model to open, on which device, decoding in which dtype: the flags of every command that uses one."
     checkpoint:str|None = None     # our checkpoint or run folder (its newest checkpoint); default: newest in MODEL_DIR
     hf:str|None = None             # a Hugging Face GPT-2 instead: a save_pretrained folder or a hub name such as gpt2
     model_dir:str = "model"        # where to look for the newest checkpoint
-    prompt:str|None = None         # print the completion of PROMPT (not PROMPT itself) and exit
-    greedy:bool = False            # always take the most likely token (= --temperature 0)
     device:str = "auto"            # auto (cuda if available), cpu, cuda or cuda:N
     dtype:Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # decoding weights; auto: the faster of bf16, fp32
+
+    def __post_init__(self):
+        if self.checkpoint is not None and self.hf is not None: raise UserError("give --checkpoint or --hf, not both")
+        resolve_device(self.device)
+
+    def open(self):
+        "(model, encoding, description of the source): `load_model` of the chosen model."
+        return load_model(self.checkpoint or self.hf, self.model_dir, resolve_device(self.device), self.dtype)
+
+@dataclass(frozen=True)
+class ReplConfig(ModelChoice):
+    "Which model to talk to, and how (the sampling settings are `Settings`)."
+    prompt:str|None = None         # print the completion of PROMPT (not PROMPT itself) and exit
+    greedy:bool = False            # always take the most likely token (= --temperature 0)
     chat:bool = False              # chat with a model fine-tuned by gpt2-sft: prompts are turns, history kept
     system:str|None = None         # chat: a system message at the start of the conversation
 
     def __post_init__(self):
-        if self.checkpoint is not None and self.hf is not None: raise UserError("give --checkpoint or --hf, not both")
+        super().__post_init__()
         if self.system is not None and not self.chat:
             raise UserError("--system is a chat's first message: add --chat")
-        resolve_device(self.device)
 
 def parser() -> ConfigParser:
     "The command-line parser of `gpt2-chat` (interactive/interactive_generate.py)."
@@ -403,7 +414,7 @@ def main(argv:list[str]|None=None, # the arguments (default: sys.argv[1:])
     _utf8_stdio()
     def run() -> int:
         cfg, settings = config_from_args(argv)
-        model, enc, source = load_model(cfg.checkpoint or cfg.hf, cfg.model_dir, resolve_device(cfg.device), cfg.dtype)
+        model, enc, source = cfg.open()
         template = chat_template(model.cfg)
         if cfg.chat and template is None:
             raise UserError(f"--chat: {source} has no chat template (no chat tokens in its vocabulary); "

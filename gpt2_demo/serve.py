@@ -14,14 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .core import ConfigParser, UserError, resolve_device, run_cli
-from .interactive import Completion, Settings, describe, load_model, stream_text
+from .core import ConfigParser, UserError, run_cli
+from .interactive import Completion, ModelChoice, Settings, describe, stream_text
 from .tokenizer import chat_template
 
 # %% ../nbs/16_serve.ipynb #1666aae3
@@ -442,13 +441,8 @@ async def _drain(q:Pieces) -> list[str]:
 
 # %% ../nbs/16_serve.ipynb #958204b2
 @dataclass(frozen=True)
-class ServeConfig:
-    "Which model to serve, where, and the limits of one request."
-    checkpoint:str|None = None     # our checkpoint or run folder (its newest checkpoint); default: newest in MODEL_DIR
-    hf:str|None = None             # a Hugging Face GPT-2 instead: a save_pretrained folder or a hub name such as gpt2
-    model_dir:str = "model"        # where to look for the newest checkpoint
-    device:str = "auto"            # auto (cuda if available), cpu, cuda or cuda:N
-    dtype:Literal["auto", "float32", "bfloat16", "int8"] = "auto"  # decoding weights; auto: the faster of bf16, fp32
+class ServeConfig(ModelChoice):
+    "Which model to serve (the flags of `gpt2-chat`), where, and the limits of one request."
     host:str = "127.0.0.1"         # the address to listen on (0.0.0.0: every interface; think about --api-key)
     port:int = 8000                # the port to listen on; 0 = any free port
     api_key:str|None = None        # require 'Authorization: Bearer API_KEY' on /v1/...
@@ -458,11 +452,10 @@ class ServeConfig:
     max_waiting:int = 32           # requests that may wait for the model at once (more get 503)
 
     def __post_init__(self):
-        if self.checkpoint is not None and self.hf is not None: raise UserError("give --checkpoint or --hf, not both")
+        super().__post_init__()
         if not 0 <= self.port <= 65535: raise UserError(f"--port must be in 0..65535, got {self.port}")
         for n in ("max_tokens", "max_chars", "max_waiting"):
             if getattr(self, n) < 1: raise UserError(f"--{n.replace('_', '-')} must be >= 1, got {getattr(self, n)}")
-        resolve_device(self.device)
 
 def parser() -> ConfigParser:
     "The command-line parser of `gpt2-serve`."
@@ -498,8 +491,7 @@ def main(argv:list[str]|None=None) -> int:
         p = parser()
         cfg = ServeConfig(**p.given(p.parse_args(argv), ServeConfig))
         sock = _listen(cfg.host, cfg.port)
-        model, enc, source = load_model(cfg.checkpoint or cfg.hf, cfg.model_dir, resolve_device(cfg.device),
-                                        cfg.dtype)
+        model, enc, source = cfg.open()
         served = ServedModel(model, enc, cfg.name or _model_name(source, cfg.model_dir), describe(model, enc, source))
         limits = Limits(cfg.max_tokens, min(256, cfg.max_tokens), cfg.max_chars)
         app = make_app(served, limits, cfg.api_key, cfg.max_waiting)
