@@ -140,6 +140,7 @@ class ModelTokens:
     "Cache ids read in a model's ids: `t[a:b]` maps `ids[a:b]` through the model's table; nothing is copied up front."
     def __init__(self, ids, encoding):
         self.ids, self.enc = ids, encoding
+        self.dtype = np.dtype(np.uint16 if encoding.n_vocab <= 1 << 16 else np.uint32)
     def __len__(self): return len(self.ids)
     def __getitem__(self, i):
         if isinstance(i, slice): return self.enc.to_model(self.ids[i])
