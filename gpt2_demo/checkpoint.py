@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model as _st_save_model, load_model as _st_load_model
+from safetensors.torch import save_file as _st_save_file, save_model as _st_save_model, load_model as _st_load_model
 
 from .core import UserError, one_line
 from .model import DummyGPT, GPTConfig
@@ -65,9 +65,15 @@ def save_checkpoint(model, # a DummyGPT, or another kind of MODEL_KINDS
                     state:dict|None=None, # training state for train_state.pt (tensors and plain data)
                     **extra) -> Path:
     "Writes checkpoint folder `path` atomically; `extra` goes into config.json."
-    cfg = {"format": CHECKPOINT_FORMAT, "kind": getattr(model, "kind", "lm"), "model": _config_dict(model), **extra}
+    cfg, tensors = {"format": CHECKPOINT_FORMAT, "kind": getattr(model, "kind", "lm"), "model": _config_dict(model)}, None
+    if getattr(getattr(model, "body", model), "lora", None) is not None:     # LoRA: what the base lacks (`06a_lora`)
+        from gpt2_demo.lora import adapter_files
+        tensors, more = adapter_files(model)
+        cfg |= more
+    cfg |= extra
     def fill(d):
-        _st_save_model(model, str(d/"model.safetensors"))
+        if tensors is None: _st_save_model(model, str(d/"model.safetensors"))
+        else: _st_save_file(tensors, str(d/"model.safetensors"))
         (d/"config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
         if state is not None: torch.save(state, d/"train_state.pt")
     return write_folder(path, fill)
@@ -85,6 +91,9 @@ def read_config(path) -> dict:
 def load_checkpoint(path, device="cpu"):
     "The model saved in checkpoint folder `path` (a `DummyGPT` for kind `lm`), in eval mode."
     cfg = read_config(path)
+    if cfg.get("kind") == "lora":                      # adapters: on their base, which is checked (`06a_lora`)
+        from gpt2_demo.lora import load_adapter
+        return load_adapter(path, cfg, device)
     try: model = _build(cfg.get("kind", "lm"), cfg["model"])
     except TypeError as e: raise UserError(f"{path}/config.json has an invalid model config ({one_line(e)})") from None
     except UserError as e: raise UserError(f"{path}/config.json: {e}") from None
@@ -233,7 +242,12 @@ def open_model(source, # a checkpoint folder, a run folder, a Hugging Face folde
             cfg_file = path/"config.json"
         try: is_hf = "model_type" in json.loads(cfg_file.read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError): is_hf = False
-        if not is_hf: return load_checkpoint(path, device), f"checkpoint {path}"
+        if not is_hf:
+            model = load_checkpoint(path, device)
+            if getattr(model, "lora", None) is None and getattr(getattr(model, "body", None), "lora", None) is None:
+                return model, f"checkpoint {path}"
+            from gpt2_demo.lora import merge_lora           # adapters: merged, the model every command can use
+            return merge_lora(model), f"checkpoint {path} (LoRA adapters merged into their base)"
     elif path.exists() or not _is_hub_name(str(source)):
         raise UserError(f"{source}: no such folder (expected a checkpoint folder, a run folder, a Hugging Face "
                         f"folder or a hub name such as gpt2)")

@@ -22,13 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import UserError, resolve_device
+from .core import UserError, dist_env, resolve_device, shared
 from .model import DummyGPT, GPTConfig
 from .data import SPLITS, REVIEWS, WindowSampler, class_names, length_bucketed, load_labelled, split
 from .checkpoint import Run, load_checkpoint, newest_checkpoint, newest_pretrained, open_model, read_config
 from .optim import OPTIMIZERS, Schedule, describe_optimizer, pick_precision
-from .runner import (RunConfig, Runner, Task, TrainState, autocast, check_ints, check_range, dist_env,
-                              evaluate, new_run_name, open_start, plan, set_trainable, settings, shared, task_cli)
+from .runner import (RunConfig, Runner, Task, TrainState, autocast, check_ints, check_range, evaluate,
+                              new_run_name, open_start, plan, set_trainable, settings, task_cli)
 
 # %% ../nbs/13_classify.ipynb #ac86dcf7
 def encode_texts(enc, # the model's encoding (`cfg.encoding`)
@@ -268,6 +268,7 @@ class ClassifyConfig(RunConfig):
     def check(self):
         check_ints(self, ("context_len",), least=2)
         check_ints(self, ("train_blocks",), least=0)
+        if self.train_blocks is not None and self.lora_rank: raise UserError("--train-blocks and --lora-rank exclude each other")
         check_range(self, "epochs", 0, low_open=True)
         check_range(self, "adapt_epochs", 0)
         for f in ("adapt_lr", "adapt_muon_lr"): check_range(self, f, 0, low_open=True)
@@ -307,6 +308,7 @@ class ClassifyTask(Task):
         return model
 
     def batch(self, i:int, device) -> tuple: return self.batches.batch(i, device)
+    def base_source(self) -> str: return self.job.info["init_from"]
     def default_steps(self) -> int:
         return self.cfg.steps(self.batches.per_epoch / (self.cfg.grad_accum * self.world))
 
@@ -338,6 +340,7 @@ class AdaptTask(Task):
         return body
 
     def batch(self, i:int, device) -> tuple: return self.sampler.batch(i, device)
+    def base_source(self) -> str: return self.job.info["init_from"]
     def default_steps(self) -> int:
         c = self.cfg
         return c.adapt_steps(len(self.job.streams["train"]), self.context, c.grad_accum * self.world)
@@ -499,12 +502,13 @@ def classify(cfg:ClassifyConfig, # the run's settings
     if job.streams:
         say(f"adapting first: language-model training on the training texts (labels unused), "
             f"{cfg.adapt_steps(len(job.streams['train']), T, micro):,} steps of {micro} × {cfg.batch_size} windows "
-            f"of {T} tokens, {describe_optimizer(cfg.adapt_optimizer, cfg.adapt_lr, cfg.adapt_muon_lr)}")
+            f"of {T} tokens, {describe_optimizer(*cfg.trains_with(cfg.adapt_optimizer, cfg.adapt_lr, cfg.adapt_muon_lr))}")
     per_epoch = math.ceil(len(job.seqs["train"]) / cfg.batch_size) / micro
     length = f"{cfg.time_budget:g} min" if cfg.time_budget else f"{cfg.max_steps or cfg.steps(per_epoch):,} steps"
     what = "the model" + (", then from random weights" if cfg.random_init else "")
     say(f"fine-tuning on {device} in {prec}: {length} of {micro} × {cfg.batch_size} texts, "
-        f"{describe_optimizer(cfg.optimizer, cfg.lr, cfg.muon_lr)}, from {what}")
+        f"{describe_optimizer(*cfg.trains_with(cfg.optimizer, cfg.lr, cfg.muon_lr))}, from {what}"
+        + (f" (its {cfg.lora().describe()}; the random start trains whole)" if cfg.lora_rank else ""))
     t_loop, minutes = time.time(), {}
     for part in ("pretrained", "random")[:1 + cfg.random_init]:
         folder = Run(run.path if part == "pretrained" else run.path/"random")
@@ -512,7 +516,7 @@ def classify(cfg:ClassifyConfig, # the run's settings
         if part == "random":
             torch.manual_seed(cfg.seed)                    # the same seed, a random body (replaced on resume)
             model = GPTClassifier(DummyGPT(m.cfg), m.labels, m.end_token, m.whole_text, m.read_len)
-        adapted, fine = _stages(cfg, job, model, folder, part, t_loop)
+        adapted, fine = _stages(cfg if part == "pretrained" else replace(cfg, lora_rank=None), job, model, folder, part, t_loop)
         stopped = (adapted or {}).get("stopped") or (fine.state.stopped if fine else None)
         if stopped:
             say(f"stopped ({stopped}); continue with: gpt2-classify --resume --run-name {run.name}")

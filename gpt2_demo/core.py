@@ -6,14 +6,16 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/core.html.md"""
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'UserError', 'one_line', 'atomic_write', 'resolve_device', 'bf16_native', 'cache_dir',
-           'faster_precision', 'field_help', 'ConfigParser', 'RunFailed', 'run_cli', 'resume_hint']
+           'faster_precision', 'field_help', 'ConfigParser', 'RunFailed', 'run_cli', 'resume_hint', 'dist_env',
+           'shared', 'rank0_first', 'distributed']
 
 # %% ../nbs/00_core.ipynb #a95c1257
-import argparse, dataclasses, hashlib, json, os, platform, statistics, sys, tempfile, time, types, typing
+import argparse, contextlib, dataclasses, gc, hashlib, json, os, platform, statistics, sys, tempfile, time, types, typing
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 # %% ../nbs/00_core.ipynb #b71e1c38
 class UserError(Exception):
@@ -216,3 +218,44 @@ def run_cli(main, # `main()` does the work and returns the exit status
 def resume_hint(prog:str, run_name:str|None=None) -> str:
     "What a training CLI prints on Ctrl-C: how to continue the run."
     return f"interrupted; continue with: {prog} --resume" + (f" --run-name {run_name}" if run_name else "")
+
+# %% ../nbs/00_core.ipynb #60c7dc5b
+def dist_env() -> tuple[int, int, int]:
+    "(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 for a plain process)."
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+def shared(value, world:int):
+    "Rank 0's `value` on every rank."
+    if world == 1: return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+def rank0_first(build, master:bool, world:int):
+    "`build()` on rank 0, then on the other ranks; rank 0's `UserError` is raised on every rank."
+    error, result = None, None
+    if master:
+        try: result = build()
+        except UserError as e: error = e
+    message = shared(None if error is None else str(error), world)
+    if error is not None: raise error
+    if message is not None: raise UserError(message)
+    return result if master else build()
+
+@contextlib.contextmanager
+def distributed(device:str="auto"):
+    "Joins `torchrun`'s process group (gloo on CPU, nccl on GPUs) for the block; yields this rank's device name."
+    rank, world, local_rank = dist_env()
+    cuda = torch.cuda.is_available() and device != "cpu"
+    mine = world > 1 and not dist.is_initialized()            # a nested block leaves the group to the outer one
+    if mine: dist.init_process_group("nccl" if cuda else "gloo")
+    if world > 1 and cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    try: yield device
+    finally:
+        if mine and dist.is_initialized():
+            # free the DDP model (it holds the process group) first: left to the interpreter's exit, gloo's
+            # threads are torn down with it, and a rank that finished first could abort ("terminate called ...")
+            gc.collect()
+            dist.destroy_process_group()

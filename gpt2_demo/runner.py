@@ -6,8 +6,8 @@ Docs: https://gpt2-demo.github.io/gpt2_demo/runner.html.md"""
 
 # %% auto #0
 __all__ = ['check_ints', 'check_range', 'RunConfig', 'settings', 'new_run_name', 'plan', 'open_start', 'set_trainable',
-           'TrainingDiverged', 'TrainState', 'check_finite', 'autocast', 'heldout_loss', 'evaluate', 'Logger',
-           'dist_env', 'shared', 'rank0_first', 'distributed', 'Task', 'Runner', 'task_cli', 'run_task']
+           'TrainingDiverged', 'TrainState', 'check_finite', 'autocast', 'heldout_loss', 'evaluate', 'Logger', 'Task',
+           'Runner', 'task_cli', 'run_task']
 
 # %% ../nbs/09a_runner.ipynb #d37e2349
 import contextlib, datetime, gc, math, os, time
@@ -21,10 +21,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .core import ConfigParser, RunFailed, UserError, _base_type, resolve_device, resume_hint, run_cli
+from .core import (ConfigParser, RunFailed, UserError, _base_type, dist_env, distributed, rank0_first,
+                            resolve_device, resume_hint, run_cli, shared)
 from .model import DummyGPT
 from .checkpoint import Run, find_run, load_checkpoint, open_model, read_config, read_train_state, settings_of
 from .data import GPTDataset
+from .lora import LoRAConfig, add_lora, lora_of, start_adapters, train_adapters
 from .optim import (OPTIMIZERS, IGNORE_INDEX, Schedule, Stepper, describe_optimizer, flops_per_token, lm_loss,
                     peak_flops, pick_precision, step_seed)
 
@@ -73,6 +75,11 @@ class RunConfig:
     seed:int = 1337                  # seeds initialisation, dropout and data order
     precision:Literal["auto", "fp32", "bf16"] = "auto"  # auto: whichever runs faster on this machine (measured)
     compile:bool|None = None         # torch.compile forward and loss (default: on a GPU, where it pays)
+    # LoRA (`06a_lora`): low-rank adapters train, the model's own weights stay frozen
+    lora_rank:int|None = None        # adapters of this rank (default: none, every weight trains)
+    lora_alpha:float|None = None     # the adapters' scale is alpha/rank (default: 2·rank)
+    lora_dropout:float = 0.0         # dropout on the adapters' input
+    lora_targets:str = "all"         # adapted layers of each block: qkv, out_proj, fc, proj (att, ff, all)
     # evaluation, checkpoints, the run
     eval_every:int = 200             # steps between validation runs
     save_every:int = 500             # steps between checkpoints
@@ -111,6 +118,7 @@ class RunConfig:
         if self.resume and self.init_from is not None:
             raise UserError("--init-from and --resume exclude each other (a resumed run continues its own weights)")
         resolve_device(self.device)
+        self.lora()
         self.check()
 
     def check(self):
@@ -119,6 +127,15 @@ class RunConfig:
     def name_prefix(self) -> str:
         "What a new run's default name starts with (then `-DATE-TIME`)."
         return self.task
+
+    def lora(self) -> LoRAConfig|None:
+        "The adapters these settings ask for (None: no LoRA)."
+        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets) \
+            if self.lora_rank is not None else None
+
+    def trains_with(self, optimizer:str, lr:float, muon_lr:float) -> tuple:
+        "(optimizer, lr, muon_lr) as run: with LoRA, AdamW (Muon updates whole matrices, which LoRA freezes)."
+        return ("adamw" if self.lora_rank else optimizer), lr, muon_lr
 
     def schedule(self, default_steps:int) -> Schedule:
         "The learning-rate schedule: `max_steps` (else `default_steps`) or `time_budget`, warm-up, cosine decay."
@@ -348,47 +365,6 @@ class Logger:
         self.bar.close()
         if self.tb is not None: self.tb.close()
 
-# %% ../nbs/09a_runner.ipynb #8b0ca69e
-def dist_env() -> tuple[int, int, int]:
-    "(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 for a plain process)."
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-def shared(value, world:int):
-    "Rank 0's `value` on every rank."
-    if world == 1: return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-def rank0_first(build, master:bool, world:int):
-    "`build()` on rank 0, then on the other ranks; rank 0's `UserError` is raised on every rank."
-    error, result = None, None
-    if master:
-        try: result = build()
-        except UserError as e: error = e
-    message = shared(None if error is None else str(error), world)
-    if error is not None: raise error
-    if message is not None: raise UserError(message)
-    return result if master else build()
-
-@contextlib.contextmanager
-def distributed(device:str="auto"):
-    "Joins `torchrun`'s process group (gloo on CPU, nccl on GPUs) for the block; yields this rank's device name."
-    rank, world, local_rank = dist_env()
-    cuda = torch.cuda.is_available() and device != "cpu"
-    mine = world > 1 and not dist.is_initialized()            # a nested block leaves the group to the outer one
-    if mine: dist.init_process_group("nccl" if cuda else "gloo")
-    if world > 1 and cuda:
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    try: yield device
-    finally:
-        if mine and dist.is_initialized():
-            # free the DDP model (it holds the process group) first: left to the interpreter's exit, gloo's
-            # threads are torn down with it, and a rank that finished first could abort ("terminate called ...")
-            gc.collect()
-            dist.destroy_process_group()
-
 # %% ../nbs/09a_runner.ipynb #c49d6086
 class Task:
     "What a training task supplies to the `Runner` (the rest of the run's lifecycle is the runner's)."
@@ -420,6 +396,7 @@ class Task:
     def default_steps(self) -> int: return 2000
     def schedule(self) -> Schedule: return self.cfg.schedule(self.default_steps())
     def optimizer(self) -> tuple: return self.cfg.optimizer, self.cfg.lr, self.cfg.muon_lr
+    def base_source(self) -> str|None: return self.cfg.init_from    # the model training starts from (LoRA's base)
     def evaluate(self, model) -> dict: return {}
     def sample(self, model) -> str|None: return None
     def summary(self, model, state:TrainState) -> dict: return {}
@@ -446,7 +423,9 @@ class Runner:
         if resume_from is not None:
             saved = load_checkpoint(resume_from)
             if model is None: model = saved
-            else: model.load_state_dict(saved.state_dict())
+            else:
+                if lora_of(saved) and not lora_of(model): add_lora(model, LoRAConfig(**lora_of(saved)["config"]), lora_of(saved))
+                model.load_state_dict(saved.state_dict())
             self.state, opt_state = TrainState.load(resume_from)
             if self.state.micro_per_step != self.world * c.grad_accum:
                 raise UserError(f"the run was trained with {self.state.micro_per_step} micro-batches per step "
@@ -454,7 +433,9 @@ class Runner:
                                 f"the same product")
         self.resumed, task.run = resume_from is not None, run
         self.model = model = task.build(model)
-        set_trainable(model, task.train_blocks)
+        if c.lora() and not lora_of(model): start_adapters(model, c.lora(), task.base_source(), c.seed)
+        if lora_of(model): train_adapters(model)
+        else: set_trainable(model, task.train_blocks)
         c = task.cfg
         T = task.context or model.cfg.context_len
         tokens = c.batch_size * T
@@ -463,7 +444,7 @@ class Runner:
         task.cfg = c = replace(c, precision=prec)          # saved as chosen: a resumed run computes the same way
         gpu = self.device.type == "cuda"
         if gpu: torch.backends.cuda.matmul.allow_tf32 = True   # fp32 products on tensor cores (fp32 runs only)
-        opt, lr, muon_lr = task.optimizer()
+        opt, lr, muon_lr = c.trains_with(*task.optimizer())
         self.stepper = Stepper(model.to(self.device).train(), task.loss, prec, c.weight_decay, c.grad_clip,
                                gpu if c.compile is None else c.compile, self.world > 1,
                                pad_vocab_to=64 if gpu else 1, optimizer=opt, lr=lr, muon_lr=muon_lr)
@@ -549,7 +530,9 @@ class Runner:
                    train_seconds=round(st.seconds, 1), precision=c.precision, stopped=st.stopped,
                    final_train_loss=st.history["train"][-1][2] if st.history["train"] else None,
                    checkpoint=str(self.run.latest()), best=str(self.run.best),
-                   log_dir=str(Path(c.log_dir)/self.run.name))
+                   log_dir=str(Path(c.log_dir)/self.run.name),
+                   trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                   lora=(lora_of(self.model) or {}).get("config"))
         out |= self.task.summary(self.model, st)
         return out | dict(seconds=round(time.time() - t_start, 1))
 
@@ -558,9 +541,14 @@ class Runner:
         c, s, st, desc = self.task.cfg, self.schedule, self.state, self.task.describe()
         what = f"resuming {self.run.name} at step {st.step}" if self.resumed else f"run {self.run.name}"
         length = f"{c.time_budget:g} min" if s.time_budget else f"{s.max_steps} steps"
-        return (f"{what}{' | ' + desc if desc else ''} | model {self.model.num_params():,} params | {self.world} "
+        lora, m = lora_of(self.model), self.model
+        if lora: desc += (" | " if desc else "") + f"{LoRAConfig(**lora['config']).describe()}: " \
+            f"{sum(p.numel() for p in m.parameters() if p.requires_grad):,} numbers train"
+        mine, used = self.task.optimizer(), c.trains_with(*self.task.optimizer())
+        return (f"{what}{' | ' + desc if desc else ''} | model {m.num_params():,} params | {self.world} "
                 f"process(es) × {c.grad_accum} × {c.batch_size}/step | {self.device} {c.precision} | "
-                f"{describe_optimizer(*self.task.optimizer())} | {length}")
+                f"{describe_optimizer(*used)}{' (not Muon: LoRA freezes the matrices it updates)' if used != mine else ''}"
+                f" | {length}")
 
 # %% ../nbs/09a_runner.ipynb #96a33b0f
 def task_cli(prog:str, description:str, Config:type,

@@ -35,7 +35,7 @@ from .runner import (RunConfig, Runner, Task, check_ints, check_range, heldout_l
 # %% ../nbs/14_sft.ipynb #2aa164ae
 def with_chat_tokens(model:DummyGPT, # a language model (pretrained or not)
                      template:ChatTemplate=TEMPLATE) -> DummyGPT:
-    "`model` with `template`'s tokens in its vocabulary (new rows: the mean embedding); as is if it has them."
+    "`model` with `template`'s tokens in its vocabulary (new rows: around the mean embedding); as is if it has them."
     if chat_template(model.cfg) == template: return model
     if model.cfg.specials:
         raise UserError(f"the model already has other special tokens ({' '.join(model.cfg.specials)}); "
@@ -43,11 +43,13 @@ def with_chat_tokens(model:DummyGPT, # a language model (pretrained or not)
     base, n = model.cfg.encoding.n_vocab, len(template.specials)
     cfg = replace(model.cfg, specials=list(template.specials), vocab_size=max(model.cfg.vocab_size, base + n))
     state = model.state_dict()
+    noise = torch.randn(n, cfg.emb_dim, generator=torch.Generator().manual_seed(0))
     for k in ("tok_emb.weight", "out_head.weight"):                 # the same tensor when the head is tied
         old = state[k]
         grown = old.new_empty(cfg.vocab_size, old.shape[1])
         grown[:len(old)] = old
-        grown[base:base + n] = old[:base].mean(dim=0)
+        rows = old[:base].float()
+        grown[base:base + n] = (rows.mean(dim=0) + noise.to(old.device) * rows.std(dim=0)).to(old.dtype)
         state[k] = grown
     new = DummyGPT(cfg).to(model.tok_emb.weight.device)
     new.load_state_dict(state)
@@ -338,6 +340,7 @@ class SFTConfig(RunConfig):
         check_range(self, "val_fraction", 0, 1, low_open=True, high_open=True)
         if self.resume and self.random_init:
             raise UserError("--resume continues a run's own weights: leave out --init-from and --random-init")
+        if self.random_init and self.lora_rank: raise UserError("--random-init and --lora-rank exclude each other")
 
 # %% ../nbs/14_sft.ipynb #9d94f320
 def start_model(cfg:SFTConfig, device) -> tuple[DummyGPT, str]:
@@ -400,6 +403,7 @@ class SFTTask(Task):
         return model
 
     def batch(self, i:int, device) -> tuple: return self.sampler.batch(i, device)
+    def base_source(self) -> str: return self.cfg.init_from or str(newest_pretrained(self.cfg.out_dir))
     def default_steps(self) -> int: return 300
     def extra(self) -> dict: return dict(chat_template=self.template.name)
 
@@ -475,7 +479,7 @@ def run_demo(cfg:SFTConfig, say=print) -> dict:
             "pretrained, before fine-tuning": exact_match(model.eval(), enc, test)}
     summaries = {}
     for init in ("pretrained", "random"):
-        c, t_run = replace(cfg, random_init=init == "random"), time.time()
+        c, t_run = replace(cfg, random_init=init == "random", lora_rank=cfg.lora_rank if init == "pretrained" else None), time.time()
         if init == "random": model, _ = start_model(c, device)
         runner = Runner(SFTTask(c, device, examples=examples), Run(root.path/init), model, f"{name}/{init}")
         runner.log.say(runner.first_line())

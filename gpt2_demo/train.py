@@ -19,7 +19,7 @@ import torch
 from fastcore.basics import patch
 from tqdm import tqdm
 
-from .core import UserError, atomic_write
+from .core import UserError, atomic_write, distributed, rank0_first
 from .model import PRESETS, DummyGPT, get_config
 from .tokenizer import ModelEncoding, get_tokenizer
 from .generate import generate
@@ -27,8 +27,8 @@ from .corpus import PEOPLE_DAILY
 from .data import WindowSampler, prepare_data, unigram_entropy
 from .ngram import ngram_baselines
 from .optim import IGNORE_INDEX
-from .runner import (RunConfig, Task, check_ints, check_range, distributed, evaluate, heldout_loss,
-                              open_start, rank0_first, run_task, settings, task_cli)
+from .runner import (RunConfig, Task, check_ints, check_range, evaluate, heldout_loss, open_start, run_task,
+                              settings, task_cli)
 
 # %% ../nbs/10_train.ipynb #c6903ca1
 @settings()
@@ -239,6 +239,7 @@ class Pretraining(Task):
         return model
 
     def batch(self, i:int, device) -> tuple: return self.sampler.batch(i, device)
+    def base_source(self) -> str|None: return None if self.cfg.init_from in (None, "scratch") else self.cfg.init_from
 
     def evaluate(self, model) -> dict:
         c, val = self.cfg, self.cache.splits["val"]
