@@ -215,7 +215,7 @@ def newest_checkpoint(root="model", # where runs live
     "The newest complete checkpoint under `root` written by one of `tasks`; `UserError` naming `what` if none."
     for d in reversed(find_checkpoints(root)):
         c = read_config(d)
-        if task_of(c) in tasks and kind in (None, c.get("kind", "lm")) and (stages or "stage" not in c): return d
+        if task_of(c) in tasks and kind in (None, c.get("model_kind", c.get("kind", "lm"))) and (stages or "stage" not in c): return d
     raise UserError(f"no {what} under {root}/")
 
 def newest_pretrained(root="model") -> Path:
