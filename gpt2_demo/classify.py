@@ -538,7 +538,8 @@ def table(summary:dict) -> str:
     rows.append((f"majority class ({r['majority']['label']})", r["majority"]))
     rows.append((f"TF-IDF char 1–3-grams + logistic regression (C={r['tfidf']['C']:g})", r["tfidf"]))
     if "random" in r: rows.append(("GPT classifier, random initialisation (same budget)", r["random"]))
-    first = " (adapted to the texts first)" if "adapted" in r["pretrained"] else ""
+    first = (f" with LoRA r={summary['settings']['lora_rank']}" if summary["settings"].get("lora_rank") else "") \
+        + (" (adapted to the texts first)" if "adapted" in r["pretrained"] else "")
     rows.append((f"GPT classifier, fine-tuned from {summary['data']['init_from']}{first}", r["pretrained"]))
     lines = ["| classifier | val accuracy | test accuracy |", "|---|---:|---:|"]
     lines += [f"| {name} | {x['val_accuracy']:.2%} | {x['test_accuracy']:.2%} |" for name, x in rows]

@@ -485,7 +485,7 @@ def run_demo(cfg:SFTConfig, say=print) -> dict:
         runner.log.say(runner.first_line())
         runner.fit()
         summaries[init] = runner.summary(t_run)
-        label = "pretrained" if init == "pretrained" else "random init"
+        label = "random init" if init == "random" else "pretrained" + (f" + LoRA r={c.lora_rank}" if c.lora_rank else "")
         rows[f"{label} + SFT ({runner.state.step} steps)"] = exact_match(runner.model.eval(), enc, test)
     out = dict(model=where, runs=summaries, results=rows, table=demo_table(rows),
                seconds=round(time.time() - t0, 1))
