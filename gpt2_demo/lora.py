@@ -169,7 +169,7 @@ def stored_keys(model, # a model built from `base` (a task may add rows), withou
 
 def start_adapters(model, # the task's starting model, built from the model at `source`
                    cfg:LoRAConfig, source, # where that model was opened from (None: nowhere, random weights)
-                   seed:int=0) -> tuple:
+                   seed:int=0):
     "`model` with fresh adapters (`A` drawn from `seed`) that refer to the model at `source`."
     if source is None:
         raise UserError("--lora-rank adapts a saved model: give --init-from MODEL (random weights have no base to "
